@@ -1,0 +1,151 @@
+"""Settings from the environment, read and validated once at start.
+
+Every variable is in `VARIABLES` with its default and accepted range, so the README table and
+the error messages come from one place. `load_settings()` takes a mapping (tests pass a dict,
+production passes `os.environ`) and returns a frozen `Settings`, or raises `ConfigError` naming
+the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import psycopg2.extensions
+
+
+class ConfigError(ValueError):
+    """A variable is out of range or malformed; the message names it and the accepted range."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    kind: type
+    default: object  # a value, or a callable of the settings read so far (derived defaults)
+    low: float
+    high: float
+    help: str
+
+
+def _default_pool_max(s: dict) -> int:
+    return max(1, min(s["worker_connections"], s["db_max_connections"] // s["web_concurrency"]))
+
+
+# Order matters: a derived default may use only the variables above it.
+VARIABLES = (
+    Variable("PORT", int, 8000, 1, 65535, "TCP port the service listens on (0.0.0.0)"),
+    Variable("WEB_CONCURRENCY", int, lambda s: os.cpu_count() or 1, 1, 256,
+             "gunicorn worker processes (default: CPU count)"),
+    Variable("WORKER_CONNECTIONS", int, 1000, 1, 100_000,
+             "concurrent HTTP connections per worker (greenlets)"),
+    Variable("DB_MAX_CONNECTIONS", int, 20, 1, 100_000,
+             "server connections this instance may use in all, across its workers"),
+    Variable("DB_POOL_MAX", int, _default_pool_max, 1, 10_000,
+             "connections per worker (default: "
+             "max(1, min(WORKER_CONNECTIONS, DB_MAX_CONNECTIONS // WEB_CONCURRENCY)))"),
+    Variable("DB_POOL_MIN", int, lambda s: min(2, s["db_pool_max"]), 0, 10_000,
+             "connections each worker opens at start, best effort (default: min(2, DB_POOL_MAX))"),
+    Variable("DB_POOL_TIMEOUT", float, 5.0, 0.001, 3600,
+             "seconds a request may wait for a free connection before it gets 503"),
+    Variable("DB_STATEMENT_TIMEOUT_MS", int, 5000, 1, 86_400_000,
+             "milliseconds any statement may run before it is cancelled (503)"),
+    Variable("DB_CONNECT_TIMEOUT", int, 5, 1, 3600,
+             "seconds to establish a server connection"),
+    Variable("DB_POOL_MAX_LIFETIME", float, 3600.0, 1, 604_800,
+             "seconds after which a connection is replaced (with up to 10% jitter)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(repr=False)  # may hold a password: never printed
+    port: int
+    web_concurrency: int
+    worker_connections: int
+    db_max_connections: int
+    db_pool_max: int
+    db_pool_min: int
+    db_pool_timeout: float
+    db_statement_timeout_ms: int
+    db_connect_timeout: int
+    db_pool_max_lifetime: float
+
+    @property
+    def safe_database_url(self) -> str:
+        """The DSN with any password replaced, fit for logs and responses."""
+        return redact_dsn(self.database_url)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Read every variable from `environ`; raise ConfigError on the first bad one."""
+    values: dict = {"database_url": _database_url(environ)}
+    for var in VARIABLES:
+        values[var.name.lower()] = _read(environ, var, values)
+    _check_pool(environ, values)
+    return Settings(**values)
+
+
+def _read(environ: Mapping[str, str], var: Variable, so_far: dict) -> int | float:
+    raw = environ.get(var.name, "").strip()
+    if not raw:
+        default = var.default
+        return default(so_far) if callable(default) else default
+    try:
+        value = var.kind(raw)
+    except ValueError:
+        raise ConfigError(f"{var.name}={raw!r} is not {_kind_name(var)}") from None
+    if not var.low <= value <= var.high:
+        raise ConfigError(f"{var.name}={raw} is out of range: {_range(var)}")
+    return value
+
+
+def _kind_name(var: Variable) -> str:
+    return "a whole number" if var.kind is int else "a number"
+
+
+def _range(var: Variable) -> str:
+    return f"accepted {var.kind(var.low)} to {var.kind(var.high)}"
+
+
+def _check_pool(environ: Mapping[str, str], v: dict) -> None:
+    if v["db_pool_min"] > v["db_pool_max"]:
+        raise ConfigError(
+            f"DB_POOL_MIN={v['db_pool_min']} is greater than DB_POOL_MAX={v['db_pool_max']}"
+        )
+    # An explicit DB_POOL_MAX wins over the default budget, but not over an explicit one.
+    wanted = v["db_pool_max"] * v["web_concurrency"]
+    if environ.get("DB_MAX_CONNECTIONS", "").strip() and wanted > v["db_max_connections"]:
+        raise ConfigError(
+            f"DB_POOL_MAX={v['db_pool_max']} x WEB_CONCURRENCY={v['web_concurrency']} = {wanted} "
+            f"exceeds DB_MAX_CONNECTIONS={v['db_max_connections']}; lower one or raise the budget"
+        )
+
+
+def _database_url(environ: Mapping[str, str]) -> str:
+    """DATABASE_URL, or "" so that libpq reads its PG* variables (PGHOST, PGUSER, ...)."""
+    url = environ.get("DATABASE_URL", "").strip()
+    if url:
+        try:
+            psycopg2.extensions.parse_dsn(url)
+        except psycopg2.ProgrammingError:
+            raise ConfigError(
+                f"DATABASE_URL={redact_dsn(url)!r} is not a valid PostgreSQL URL or DSN"
+            ) from None
+    return url
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN as libpq reads it (key=value), with any password replaced by '***'.
+
+    Going through libpq's own parser catches every place a password can hide: the URL's
+    user-info, a `?password=` parameter, or a key=value DSN.
+    """
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparseable DSN>"
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join(f"{key}={value}" for key, value in params.items())

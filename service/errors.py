@@ -1,0 +1,80 @@
+"""Every error the API returns, as JSON `{"error": {"code", "message"}}`, mapped in one place.
+
+Handlers raise `ApiError` for bad input; the pool's exceptions become 503 with Retry-After;
+werkzeug's HTTP errors (404, 405, 413, 415, malformed JSON) keep their status and headers.
+Anything else is logged with its traceback and answered with a bare 500: no stack trace, no
+SQL, no DSN ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+_UNAVAILABLE = {
+    PoolTimeout: ("pool_timeout", "the service is busy: no database connection became free"),
+    StatementTimeout: ("statement_timeout", "the database did not answer in time"),
+    DatabaseUnavailable: ("database_unavailable", "the database cannot be reached"),
+}
+
+
+class ApiError(Exception):
+    """A client error with its status, a stable machine-readable code and a message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(status: int, code: str, message: str):
+    response = jsonify(error={"code": code, "message": message})
+    response.status_code = status
+    return response
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(HTTPException, _http_error)
+    for exc_type in _UNAVAILABLE:
+        app.register_error_handler(exc_type, _unavailable)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def _api_error(exc: ApiError):
+    return error_response(exc.status, exc.code, exc.message)
+
+
+def _http_error(exc: HTTPException):
+    response = error_response(exc.code or 500, _snake(exc.name), exc.description or exc.name)
+    for name, value in exc.get_headers():
+        if name in ("Allow", "Retry-After"):  # 405 names the methods, 503 the wait
+            response.headers[name] = value
+    return response
+
+
+def _unavailable(exc: Exception):
+    code, message = _UNAVAILABLE[type(exc)]
+    log.warning("503 %s: %s", code, exc)
+    response = error_response(503, code, message)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def _unexpected(exc: Exception):
+    log.exception("unhandled error")
+    return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -1,0 +1,45 @@
+"""Keyset pagination: the `limit` and the opaque `cursor` query parameters of list endpoints.
+
+A cursor names the last row a page showed (newest first, by id), so the next page starts
+strictly after it: rows inserted between two requests can neither push a row onto a second
+page nor hide one. The cursor is base64 text with a version tag; clients must not parse it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from service.errors import ApiError
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+BIGINT_MAX = 2**63 - 1
+_CURSOR = re.compile(r"v1:([0-9]{1,19})")
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ApiError(400, "invalid_limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str | None) -> int | None:
+    """The id after which the page starts, or None for the first page; 400 when malformed."""
+    if raw is None:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        text = ""
+    match = _CURSOR.fullmatch(text)
+    if not match or int(match[1]) > BIGINT_MAX:
+        raise ApiError(400, "invalid_cursor", "cursor is not one this service returned")
+    return int(match[1])

@@ -1,0 +1,124 @@
+"""Fixtures that start the real things: a PostgreSQL server once per session, then an app with
+its own pool per test.
+
+The test process is patched like a gunicorn worker, first thing, so that the greenlets the
+tests spawn and the psycopg2 connections they use behave as they do in production.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+from psycogreen.gevent import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+import os  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+import secrets  # noqa: E402
+
+import psycopg2  # noqa: E402
+import psycopg2.extensions  # noqa: E402
+import pytest  # noqa: E402
+
+from config import load_settings  # noqa: E402
+from service import create_app, db, schema  # noqa: E402
+from service.localpg import LocalPostgres  # noqa: E402
+from service.pool import Pool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The throwaway server, or None when TEST_DATABASE_URL names one to use instead."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield None
+        return
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server):
+    """A fresh database for this session, on the throwaway server or on TEST_DATABASE_URL's."""
+    name = f"test_{secrets.token_hex(4)}"
+    server_url = os.environ.get("TEST_DATABASE_URL") or pg_server.dsn()
+    with _autocommit(server_url) as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg2.extensions.make_dsn(server_url, dbname=name)
+    schema.migrate(url, connect_timeout=5)
+    yield url
+    with _autocommit(server_url) as cur:
+        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def _autocommit(url):
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        yield conn.cursor()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def admin(database_url):
+    """A plain autocommit cursor on the test database, outside any pool, for set-up and checks."""
+    with _autocommit(database_url) as cur:
+        yield cur
+
+
+@pytest.fixture(autouse=True)
+def _empty_users(request):
+    """Every test that touches the database starts with no users."""
+    if "database_url" in request.fixturenames:
+        with _autocommit(request.getfixturevalue("database_url")) as cur:
+            cur.execute("TRUNCATE users")
+    yield
+
+
+@pytest.fixture
+def make_settings(database_url):
+    def make(**env):
+        base = {"DATABASE_URL": database_url, "WEB_CONCURRENCY": "1", "DB_POOL_MAX": "5"}
+        return load_settings({**base, **{key: str(value) for key, value in env.items()}})
+
+    return make
+
+
+@pytest.fixture
+def make_pool(database_url):
+    """Build pools with test-sized limits; every pool is closed after the test."""
+    pools = []
+
+    def make(dsn=None, **overrides):
+        options = dict(
+            min_size=0,
+            max_size=5,
+            timeout=5.0,
+            statement_timeout_ms=5000,
+            connect_timeout=5,
+            max_lifetime=3600.0,
+            application_name="test-pool",
+        )
+        pool = Pool(dsn or database_url, **{**options, **overrides})
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+@pytest.fixture
+def app(make_settings):
+    app = create_app(make_settings())
+    db.open_pool(app)
+    yield app
+    db.close_pool(app)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

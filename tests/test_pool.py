@@ -1,0 +1,268 @@
+"""The pool against a real server: green waits, fair queueing, timeouts, no leaks, no churn."""
+
+import math
+import time
+
+import gevent
+import psycopg2
+import pytest
+from gevent.event import Event
+
+from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
+
+
+def backend_pid(pool, **kwargs):
+    with pool.connection(**kwargs) as db:
+        db.execute("SELECT pg_backend_pid() AS pid")
+        return db.fetchone()["pid"]
+
+
+def hold(pool, release: Event, got: list, name):
+    with pool.connection() as db:
+        got.append(name)
+        db.execute("SELECT 1")
+        release.wait()
+
+
+def test_rows_are_dicts_and_a_clean_block_commits(make_pool, admin):
+    pool = make_pool()
+    with pool.connection() as db:
+        db.execute("INSERT INTO users (name, email) VALUES (%s, %s) RETURNING name", ("a", "a@x.io"))
+        assert db.fetchone() == {"name": "a"}
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 1
+
+
+def test_an_exception_rolls_back_and_returns_the_connection(make_pool, admin):
+    pool = make_pool(max_size=1)
+    pid = backend_pid(pool)
+    with pytest.raises(ZeroDivisionError):
+        with pool.connection() as db:
+            db.execute("INSERT INTO users (name, email) VALUES ('a', 'a@x.io')")
+            1 / 0
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 0
+    assert pool.stats()["in_use"] == 0
+    assert backend_pid(pool) == pid  # the same connection, back and reused
+
+
+def test_a_database_error_leaves_no_transaction_open(make_pool, admin):
+    pool = make_pool(max_size=1)
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        with pool.connection() as db:
+            db.execute("SELECT * FROM no_such_table")
+    admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool'"
+        " AND state <> 'idle'"
+    )
+    assert admin.fetchone()[0] == 0
+    assert backend_pid(pool) > 0
+
+
+def test_every_statement_has_the_statement_timeout(make_pool):
+    pool = make_pool(statement_timeout_ms=100)
+    with pool.connection() as db:
+        db.execute("SELECT current_setting('statement_timeout') AS t")
+        assert db.fetchone()["t"] == "100ms"
+        db.execute("SELECT current_setting('statement_timeout') AS t")
+        assert db.fetchone()["t"] == "100ms"
+    started = time.monotonic()
+    with pytest.raises(StatementTimeout):
+        with pool.connection() as db:
+            db.execute("SELECT pg_sleep(5)")
+    assert time.monotonic() - started < 2
+    assert pool.stats()["in_use"] == 0
+
+
+def test_a_query_that_fails_to_format_still_runs_in_the_transaction(make_pool):
+    pool = make_pool(statement_timeout_ms=100)
+    with pool.connection() as db:
+        with pytest.raises(IndexError):
+            db.execute("SELECT %s, %s", (1,))  # psycopg2 sends nothing
+        db.execute("SELECT current_setting('statement_timeout') AS t")
+        assert db.fetchone()["t"] == "100ms"
+
+
+def test_greenlets_share_few_connections_without_blocking_the_loop(make_pool):
+    n, k, nap = 20, 4, 0.2
+    pool = make_pool(max_size=k)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+
+    def nap_once():
+        with pool.connection() as db:
+            db.execute("SELECT pg_sleep(%s)", (nap,))
+
+    started = time.monotonic()
+    gevent.joinall([gevent.spawn(nap_once) for _ in range(n)], raise_error=True)
+    elapsed = time.monotonic() - started
+    ticker.kill()
+    ideal = math.ceil(n / k) * nap  # 1.0 s; a blocking driver needs n * nap = 4 s
+    assert ideal * 0.9 <= elapsed < ideal * 2
+    assert len(ticks) > elapsed / 0.01 * 0.5  # the loop kept running meanwhile
+    assert pool.stats() == {"max": k, "size": k, "in_use": 0, "idle": k, "waiting": 0}
+
+
+def test_waiters_are_served_first_come_first_served(make_pool):
+    pool = make_pool(max_size=2)
+    release, order = Event(), []
+    holders = [gevent.spawn(hold, pool, release, order, f"holder{i}") for i in range(2)]
+    gevent.sleep(0.1)
+    waiters = []
+    for i in range(6):
+        waiters.append(gevent.spawn(hold, pool, Event(), order, i))
+        gevent.sleep(0.01)  # let each one join the queue before the next starts
+    assert pool.stats()["waiting"] == 6
+    for greenlet in waiters:
+        greenlet.args[1].set()  # each waiter releases as soon as it has a connection
+    release.set()
+    gevent.joinall(holders + waiters, raise_error=True)
+    assert order == ["holder0", "holder1", 0, 1, 2, 3, 4, 5]
+
+
+def test_a_newcomer_does_not_overtake_the_queue(make_pool):
+    pool = make_pool(max_size=1)
+    first_release, order = Event(), []
+    holder = gevent.spawn(hold, pool, first_release, order, "holder")
+    gevent.sleep(0.05)
+    waiter = gevent.spawn(hold, pool, Event(), order, "waiter")
+    gevent.sleep(0.05)
+    waiter.args[1].set()
+    first_release.set()  # the slot is handed to "waiter" before this greenlet yields
+    with pool.connection() as db:
+        order.append("newcomer")
+        db.execute("SELECT 1")
+    gevent.joinall([holder, waiter], raise_error=True)
+    assert order == ["holder", "waiter", "newcomer"]
+
+
+def test_waiters_get_pool_timeout_after_the_deadline(make_pool):
+    pool = make_pool(max_size=1)
+    release = Event()
+    holder = gevent.spawn(hold, pool, release, [], "holder")
+    gevent.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        with pool.connection(timeout=0.3):
+            pass
+    waited = time.monotonic() - started
+    assert 0.3 <= waited < 1.0
+    assert pool.stats()["waiting"] == 0
+    release.set()
+    holder.join()
+    assert backend_pid(pool) > 0  # the slot of the timed-out waiter was not lost
+
+
+def test_a_killed_waiter_leaves_the_queue(make_pool):
+    pool = make_pool(max_size=1)
+    release = Event()
+    holder = gevent.spawn(hold, pool, release, [], "holder")
+    gevent.sleep(0.05)
+    waiter = gevent.spawn(hold, pool, Event(), [], "waiter")
+    gevent.sleep(0.05)
+    assert pool.stats()["waiting"] == 1
+    waiter.kill()
+    assert pool.stats()["waiting"] == 0
+    release.set()
+    holder.join()
+    assert pool.stats()["in_use"] == 0
+    assert backend_pid(pool, timeout=0.5) > 0
+
+
+def test_a_greenlet_killed_mid_query_does_not_leak_its_connection(make_pool, admin):
+    pool = make_pool(max_size=1)
+    sleeper = gevent.spawn(backend_pid_after_sleep, pool)
+    gevent.sleep(0.2)
+    sleeper.kill()
+    assert pool.stats() == {"max": 1, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
+    assert backend_pid(pool, timeout=0.5) > 0
+
+
+def backend_pid_after_sleep(pool):
+    with pool.connection() as db:
+        db.execute("SELECT pg_sleep(10)")
+
+
+def test_a_connection_killed_in_use_is_discarded(make_pool, admin):
+    pool = make_pool(max_size=1)
+    pid = backend_pid(pool)
+    with pytest.raises(DatabaseUnavailable):
+        with pool.connection() as db:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            db.execute("SELECT 1")
+    assert pool.stats()["size"] == 0
+    assert backend_pid(pool) != pid
+
+
+def test_a_closed_connection_is_never_lent_again(make_pool):
+    pool = make_pool(max_size=1)
+    with pytest.raises(DatabaseUnavailable):  # the commit cannot happen
+        with pool.connection() as db:
+            db.execute("SELECT pg_backend_pid() AS pid")
+            pid = db.fetchone()["pid"]
+            db.connection.close()
+    assert pool.stats()["size"] == 0
+    assert backend_pid(pool) != pid
+
+
+def test_connections_are_replaced_after_their_lifetime(make_pool):
+    pool = make_pool(max_size=1, max_lifetime=0.3)
+    pid = backend_pid(pool)
+    assert backend_pid(pool) == pid
+    gevent.sleep(0.35)
+    assert backend_pid(pool) != pid
+    assert pool.stats()["size"] == 1
+
+
+def test_an_unreachable_server_gives_database_unavailable(make_pool):
+    pool = make_pool(dsn="postgresql://nobody@127.0.0.1:1/none", max_size=2)
+    with pytest.raises(DatabaseUnavailable):
+        with pool.connection():
+            pass
+    assert pool.stats() == {"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
+
+
+def test_warm_opens_min_size_connections(make_pool):
+    pool = make_pool(min_size=3, max_size=5)
+    pool.warm()
+    assert pool.stats() == {"max": 5, "size": 3, "in_use": 0, "idle": 3, "waiting": 0}
+
+
+def test_warm_survives_an_unreachable_server(make_pool):
+    pool = make_pool(dsn="postgresql://nobody@127.0.0.1:1/none", min_size=2)
+    pool.warm()
+    assert pool.stats()["size"] == 0
+
+
+def test_a_closed_pool_refuses_checkouts(make_pool):
+    pool = make_pool()
+    backend_pid(pool)
+    pool.close()
+    with pytest.raises(DatabaseUnavailable):
+        with pool.connection():
+            pass
+
+
+def test_no_connection_churn_under_steady_load(make_pool, admin):
+    """psycopg2's pool alone closes returned connections above minconn; ours keeps them."""
+    pool = make_pool(min_size=1, max_size=5)
+
+    def count_pids(n):
+        return {backend_pid(pool) for _ in range(n)}
+
+    def server_pids():
+        admin.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name = 'test-pool' AND state = 'idle'"
+        )
+        return {pid for (pid,) in admin.fetchall()}
+
+    seen = set()
+    for batch in gevent.joinall([gevent.spawn(count_pids, 20) for _ in range(50)]):
+        seen |= batch.get()
+    before = server_pids()
+    assert len(before) == 5
+    for batch in gevent.joinall([gevent.spawn(count_pids, 20) for _ in range(50)]):
+        seen |= batch.get()
+    assert server_pids() == before
+    assert seen == before  # 2,000 checkouts, five connections, none ever replaced
