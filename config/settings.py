@@ -9,8 +9,8 @@ the variable and what it accepts.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import psycopg2.extensions
 
@@ -36,25 +36,72 @@ def _default_pool_max(s: dict) -> int:
 # Order matters: a derived default may use only the variables above it.
 VARIABLES = (
     Variable("PORT", int, 8000, 1, 65535, "TCP port the service listens on (0.0.0.0)"),
-    Variable("WEB_CONCURRENCY", int, lambda s: os.cpu_count() or 1, 1, 256,
-             "gunicorn worker processes (default: CPU count)"),
-    Variable("WORKER_CONNECTIONS", int, 1000, 1, 100_000,
-             "concurrent HTTP connections per worker (greenlets)"),
-    Variable("DB_MAX_CONNECTIONS", int, 20, 1, 100_000,
-             "server connections this instance may use in all, across its workers"),
-    Variable("DB_POOL_MAX", int, _default_pool_max, 1, 10_000,
-             "connections per worker (default: "
-             "max(1, min(WORKER_CONNECTIONS, DB_MAX_CONNECTIONS // WEB_CONCURRENCY)))"),
-    Variable("DB_POOL_MIN", int, lambda s: min(2, s["db_pool_max"]), 0, 10_000,
-             "connections each worker opens at start, best effort (default: min(2, DB_POOL_MAX))"),
-    Variable("DB_POOL_TIMEOUT", float, 5.0, 0.001, 3600,
-             "seconds a request may wait for a free connection before it gets 503"),
-    Variable("DB_STATEMENT_TIMEOUT_MS", int, 5000, 1, 86_400_000,
-             "milliseconds any statement may run before it is cancelled (503)"),
-    Variable("DB_CONNECT_TIMEOUT", int, 5, 1, 3600,
-             "seconds to establish a server connection"),
-    Variable("DB_POOL_MAX_LIFETIME", float, 3600.0, 1, 604_800,
-             "seconds after which a connection is replaced (with up to 10% jitter)"),
+    Variable(
+        "WEB_CONCURRENCY",
+        int,
+        lambda s: os.cpu_count() or 1,
+        1,
+        256,
+        "gunicorn worker processes (default: CPU count)",
+    ),
+    Variable(
+        "WORKER_CONNECTIONS",
+        int,
+        1000,
+        1,
+        100_000,
+        "concurrent HTTP connections per worker (greenlets)",
+    ),
+    Variable(
+        "DB_MAX_CONNECTIONS",
+        int,
+        20,
+        1,
+        100_000,
+        "server connections this instance may use in all, across its workers",
+    ),
+    Variable(
+        "DB_POOL_MAX",
+        int,
+        _default_pool_max,
+        1,
+        10_000,
+        "connections per worker (default: "
+        "max(1, min(WORKER_CONNECTIONS, DB_MAX_CONNECTIONS // WEB_CONCURRENCY)))",
+    ),
+    Variable(
+        "DB_POOL_MIN",
+        int,
+        lambda s: min(2, s["db_pool_max"]),
+        0,
+        10_000,
+        "connections each worker opens at start, best effort (default: min(2, DB_POOL_MAX))",
+    ),
+    Variable(
+        "DB_POOL_TIMEOUT",
+        float,
+        5.0,
+        0.001,
+        3600,
+        "seconds a request may wait for a free connection before it gets 503",
+    ),
+    Variable(
+        "DB_STATEMENT_TIMEOUT_MS",
+        int,
+        5000,
+        1,
+        86_400_000,
+        "milliseconds any statement may run before it is cancelled (503)",
+    ),
+    Variable("DB_CONNECT_TIMEOUT", int, 5, 1, 3600, "seconds to establish a server connection"),
+    Variable(
+        "DB_POOL_MAX_LIFETIME",
+        float,
+        3600.0,
+        1,
+        604_800,
+        "seconds after which a connection is replaced (with up to 10% jitter)",
+    ),
 )
 
 

@@ -113,8 +113,19 @@ class LocalPostgres:
             shutil.chown(self._folder, "postgres")
             shutil.chown(pwfile, "postgres")
         self._run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "scram-sha-256",
-             f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"]
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-A",
+                "scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]
         )
         pwfile.unlink()
         self.port = _free_port()
@@ -168,7 +179,9 @@ class LocalPostgres:
     @property
     def _user(self) -> dict:
         """subprocess arguments that drop root to the postgres user."""
-        return {"user": "postgres", "group": "postgres", "extra_groups": []} if self._as_root else {}
+        if not self._as_root:
+            return {}
+        return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
     def _run(self, args: list[str]) -> None:
         done = subprocess.run(args, capture_output=True, text=True, **self._user)
@@ -185,7 +198,9 @@ class LocalPostgres:
                 return
             except psycopg2.OperationalError:
                 if time.monotonic() > deadline:
-                    raise LocalPostgresError(f"postgres did not start:\n{self._log_tail()}")
+                    raise LocalPostgresError(
+                        f"postgres did not start:\n{self._log_tail()}"
+                    ) from None
                 time.sleep(0.05)
 
     def _log_tail(self) -> str:

@@ -149,9 +149,7 @@ DOCUMENT = {
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/UserChange"}
-                        }
+                        "application/json": {"schema": {"$ref": "#/components/schemas/UserChange"}}
                     },
                 },
                 "responses": {

@@ -31,13 +31,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 @bp.post("")
 def create_user():
     fields = _read_fields(required=True)
-    with _unique_email():
-        with get_db() as db:
-            db.execute(
-                f"INSERT INTO users (name, email) VALUES (%(name)s, %(email)s) RETURNING {_COLUMNS}",
-                fields,
-            )
-            user = db.fetchone()
+    with _unique_email(), get_db() as db:
+        db.execute(
+            f"INSERT INTO users (name, email) VALUES (%(name)s, %(email)s) RETURNING {_COLUMNS}",
+            fields,
+        )
+        user = db.fetchone()
     return _public(user), 201, {"Location": f"/users/{user['id']}"}
 
 
@@ -71,14 +70,13 @@ def get_user(user_id: str):
 def update_user(user_id: str):
     uid = _parse_id(user_id)
     fields = _read_fields(required=False)
-    with _unique_email():
-        with get_db() as db:
-            db.execute(
-                "UPDATE users SET name = COALESCE(%(name)s, name),"
-                f" email = COALESCE(%(email)s, email) WHERE id = %(id)s RETURNING {_COLUMNS}",
-                {"name": None, "email": None, **fields, "id": uid},
-            )
-            user = db.fetchone()
+    with _unique_email(), get_db() as db:
+        db.execute(
+            "UPDATE users SET name = COALESCE(%(name)s, name),"
+            f" email = COALESCE(%(email)s, email) WHERE id = %(id)s RETURNING {_COLUMNS}",
+            {"name": None, "email": None, **fields, "id": uid},
+        )
+        user = db.fetchone()
     return _public(_found(user))
 
 

@@ -14,8 +14,8 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 patch_psycopg()
 
 import os  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 import secrets  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 import psycopg2  # noqa: E402
 import psycopg2.extensions  # noqa: E402

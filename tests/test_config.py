@@ -1,0 +1,78 @@
+"""Settings are read once from a mapping, with defaults, and every bad value names its variable."""
+
+import pytest
+
+from config import ConfigError, load_settings, redact_dsn
+
+
+def test_defaults_size_the_pool_to_the_worker_concurrency():
+    s = load_settings({"WEB_CONCURRENCY": "4"})
+    assert (s.port, s.worker_connections, s.db_max_connections) == (8000, 1000, 20)
+    assert s.db_pool_max == 5  # 20 server connections shared by 4 workers
+    assert s.db_pool_min == 2
+    assert (s.db_pool_timeout, s.db_statement_timeout_ms, s.db_connect_timeout) == (5.0, 5000, 5)
+    assert s.db_pool_max_lifetime == 3600.0
+    assert s.database_url == ""  # libpq then reads PGHOST, PGUSER, ...
+
+
+@pytest.mark.parametrize(
+    ("env", "pool_max"),
+    [
+        ({"WEB_CONCURRENCY": "30"}, 1),  # never below one
+        ({"WEB_CONCURRENCY": "1", "WORKER_CONNECTIONS": "3"}, 3),  # never above concurrency
+        ({"WEB_CONCURRENCY": "2", "DB_MAX_CONNECTIONS": "100"}, 50),
+        ({"WEB_CONCURRENCY": "2", "DB_POOL_MAX": "40"}, 40),  # explicit wins over the default
+    ],
+)
+def test_pool_max_follows_the_connection_budget(env, pool_max):
+    assert load_settings(env).db_pool_max == pool_max
+
+
+def test_web_concurrency_defaults_to_the_cpu_count(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert load_settings({}).web_concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"PORT": "0"}, "PORT"),
+        ({"PORT": "http"}, "PORT"),
+        ({"WEB_CONCURRENCY": "-1"}, "WEB_CONCURRENCY"),
+        ({"WORKER_CONNECTIONS": "1.5"}, "WORKER_CONNECTIONS"),
+        ({"DB_POOL_TIMEOUT": "abc"}, "DB_POOL_TIMEOUT"),
+        ({"DB_POOL_TIMEOUT": "0"}, "DB_POOL_TIMEOUT"),
+        ({"DB_STATEMENT_TIMEOUT_MS": "0"}, "DB_STATEMENT_TIMEOUT_MS"),
+        ({"DB_CONNECT_TIMEOUT": "5s"}, "DB_CONNECT_TIMEOUT"),
+        ({"DB_POOL_MAX_LIFETIME": "-3"}, "DB_POOL_MAX_LIFETIME"),
+        ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
+        ({"DB_POOL_MIN": "6", "DB_POOL_MAX": "5"}, "DB_POOL_MIN"),
+        ({"WEB_CONCURRENCY": "4", "DB_POOL_MAX": "10", "DB_MAX_CONNECTIONS": "20"}, "DB_POOL_MAX"),
+        ({"DATABASE_URL": "postgresql://u:hunter2@h/db?bogus=1"}, "DATABASE_URL"),
+    ],
+)
+def test_a_bad_value_is_refused_with_the_variable_named(env, named):
+    with pytest.raises(ConfigError, match=named) as refused:
+        load_settings({"WEB_CONCURRENCY": "2", **env})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_out_of_range_message_says_what_is_accepted():
+    with pytest.raises(ConfigError, match="accepted 1 to 65535"):
+        load_settings({"PORT": "70000"})
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:hunter2@db.internal:5432/app",
+        "postgresql://app@db.internal/app?password=hunter2",
+        "host=db.internal user=app password=hunter2 dbname=app",
+    ],
+)
+def test_passwords_never_appear_in_the_printable_dsn(dsn):
+    settings = load_settings({"DATABASE_URL": dsn, "WEB_CONCURRENCY": "1"})
+    assert "hunter2" not in settings.safe_database_url
+    assert "db.internal" in settings.safe_database_url
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in redact_dsn(dsn)
