@@ -29,6 +29,14 @@ class Variable:
     help: str
 
 
+def _cpu_count() -> int:
+    """CPUs this process may use: a container limited by cpuset sees its share, not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _default_pool_max(s: dict) -> int:
     return max(1, min(s["worker_connections"], s["db_max_connections"] // s["web_concurrency"]))
 
@@ -39,10 +47,10 @@ VARIABLES = (
     Variable(
         "WEB_CONCURRENCY",
         int,
-        lambda s: os.cpu_count() or 1,
+        lambda s: _cpu_count(),
         1,
         256,
-        "gunicorn worker processes (default: CPU count)",
+        "gunicorn worker processes (default: the CPUs this process may run on)",
     ),
     Variable(
         "WORKER_CONNECTIONS",
