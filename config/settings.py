@@ -101,6 +101,14 @@ VARIABLES = (
         86_400_000,
         "milliseconds any statement may run before it is cancelled (503)",
     ),
+    Variable(
+        "DB_POOL_MAX_WAITING",
+        int,
+        0,
+        0,
+        1_000_000,
+        "requests per worker that may wait for a connection; more get 503 at once (0: no cap)",
+    ),
     Variable("DB_CONNECT_TIMEOUT", int, 5, 1, 3600, "seconds to establish a server connection"),
     Variable(
         "DB_POOL_MAX_LIFETIME",
@@ -109,6 +117,14 @@ VARIABLES = (
         1,
         604_800,
         "seconds after which a connection is replaced (with up to 10% jitter)",
+    ),
+    Variable(
+        "DB_POOL_LEAK_WARN_S",
+        float,
+        30.0,
+        0.001,
+        86_400,
+        "seconds a request may hold a connection before a warning names its route",
     ),
 )
 
@@ -124,8 +140,10 @@ class Settings:
     db_pool_min: int
     db_pool_timeout: float
     db_statement_timeout_ms: int
+    db_pool_max_waiting: int
     db_connect_timeout: int
     db_pool_max_lifetime: float
+    db_pool_leak_warn_s: float
 
     @property
     def safe_database_url(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from flask import Flask, current_app
+from flask import Flask, current_app, has_request_context, request
 
 from service.pool import Cursor, Pool
 
@@ -27,6 +27,8 @@ def open_pool(app: Flask) -> Pool:
         statement_timeout_ms=settings.db_statement_timeout_ms,
         connect_timeout=settings.db_connect_timeout,
         max_lifetime=settings.db_pool_max_lifetime,
+        max_waiting=settings.db_pool_max_waiting,
+        leak_warn_s=settings.db_pool_leak_warn_s,
     )
     app.extensions[EXTENSION] = pool
     pool.warm()
@@ -50,6 +52,14 @@ def get_db(timeout: float | None = None) -> AbstractContextManager[Cursor]:
     """A cursor inside one transaction: commit on a clean exit, roll back on an exception.
 
     Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), then raises
-    `PoolTimeout`; see `Pool.connection` for what else it raises.
+    `PoolTimeout`; see `Pool.connection` for what else it raises. A connection held longer
+    than DB_POOL_LEAK_WARN_S is logged with the route that holds it.
     """
-    return current_pool().connection(timeout)
+    return current_pool().connection(timeout, _route())
+
+
+def _route() -> str:
+    if not has_request_context():
+        return ""
+    rule = request.url_rule
+    return f"{request.method} {rule.rule if rule is not None else request.path}"

@@ -24,10 +24,12 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import gevent
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 from gevent.event import Event
+from gevent.monkey import get_original
 from psycopg2.extras import RealDictCursor
 from psycopg2.pool import ThreadedConnectionPool
 
@@ -37,6 +39,22 @@ _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 # A replaced connection lives between 90% and 100% of max_lifetime, so that connections opened
 # together (at start, after an outage) are not all replaced in the same second.
 LIFETIME_JITTER = 0.1
+# A connection idle this long is pinged before it is lent: only a round trip can tell that a
+# silent network path (no FIN, no RST) has died.
+PING_AFTER_IDLE_S = 10.0
+# After a failed connect, new connects wait 0.05 s, 0.1 s, ... up to 1 s (with jitter), so that
+# thousands of waiting greenlets do not hammer a server that is down, and a server that comes
+# back is used again within about a second.
+BACKOFF_FIRST_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+# The server cancels a statement at the statement timeout; the client gives up on an answer
+# this much later, when the network itself has gone silent.
+DEADLINE_GRACE_S = 1.0
+
+# The real poll(2), not gevent's: a zero-timeout readiness check must not switch greenlets.
+_poll = get_original("select", "poll")
+_POLLIN = get_original("select", "POLLIN")
 
 
 class PoolTimeout(Exception):
@@ -62,14 +80,39 @@ class PooledConnection(psycopg2.extensions.connection):
         super().__init__(*args, **kwargs)
         self.autocommit = True
         self.expires_at: float | None = None  # set when the pool first hands it out
+        self.idle_since = 0.0
 
 
 class Cursor(RealDictCursor):
-    """Rows as dicts. The first `execute()` carries `preamble` in the same round trip."""
+    """Rows as dicts. The first `execute()` carries `preamble` in the same round trip.
+
+    With `deadline_s` set, a statement that gets no answer in that time (a network path that
+    died silently: the server's statement timeout cannot help when its answer never arrives)
+    closes the connection and raises `DatabaseUnavailable` instead of waiting for TCP
+    keepalives.
+    """
 
     preamble = ""
+    deadline_s: float | None = None
 
     def execute(self, query, vars=None):
+        if self.deadline_s is None:
+            return self._execute(query, vars)
+        deadline = gevent.Timeout(self.deadline_s)
+        deadline.start()
+        try:
+            return self._execute(query, vars)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            self.connection.close()
+            raise DatabaseUnavailable(
+                f"no answer from the database within {self.deadline_s:g} s"
+            ) from None
+        finally:
+            deadline.close()
+
+    def _execute(self, query, vars):
         if not self.preamble:
             return super().execute(query, vars)
         if not isinstance(query, str):
@@ -100,15 +143,23 @@ class Pool:
         statement_timeout_ms: int,
         connect_timeout: int,
         max_lifetime: float,
+        max_waiting: int = 0,
+        leak_warn_s: float = 30.0,
+        ping_after_idle_s: float = PING_AFTER_IDLE_S,
         application_name: str = "service",
     ):
         self.max_size = max_size
         self._min_size = min_size
         self._timeout = timeout
         self._max_lifetime = max_lifetime
+        self._max_waiting = max_waiting
+        self._leak_warn_s = leak_warn_s
+        self._ping_after_idle_s = ping_after_idle_s
+        self._ping_timeout = float(connect_timeout)
         # SET LOCAL, not a session setting or a startup option: it ends with the transaction,
         # so it also holds behind PgBouncer in transaction mode.
         self._preamble = f"BEGIN; SET LOCAL statement_timeout = {int(statement_timeout_ms)}; "
+        self._deadline_s = statement_timeout_ms / 1000 + DEADLINE_GRACE_S
         self._connections = ThreadedConnectionPool(
             0,  # open nothing here: warm() does, best effort, once the worker runs
             max_size,
@@ -131,25 +182,33 @@ class Pool:
         self._open = 0
         self._in_use = 0
         self._closed = False
+        self._connect_failures = 0
+        self._next_connect_at = 0.0
 
     @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Cursor]:
+    def connection(self, timeout: float | None = None, label: str = "") -> Iterator[Cursor]:
         """Lend a cursor inside one transaction; commit on a clean exit, roll back otherwise.
 
         Waits up to `timeout` (default: the pool's) for a free connection, then raises
-        `PoolTimeout`. Raises `DatabaseUnavailable` when no connection can be opened or the
-        connection breaks, and `StatementTimeout` when the server cancels a statement.
-        The connection always goes back; a broken one is closed and never lent again.
+        `PoolTimeout`; raises it at once when `max_waiting` greenlets already wait. Raises
+        `DatabaseUnavailable` when no connection can be opened (at once while connects are
+        backing off after a failure) or the connection breaks, and `StatementTimeout` when the
+        server cancels a statement. The connection always goes back; a broken one is closed
+        and never lent again. Held longer than `leak_warn_s`, it is logged once with `label`.
         """
         conn = self._checkout(self._timeout if timeout is None else timeout)
+        watchdog = gevent.get_hub().loop.timer(self._leak_warn_s)
+        watchdog.start(_warn_leak, label, self._leak_warn_s)
         try:
             with _translated_errors():
                 cursor = conn.cursor()
                 cursor.preamble = self._preamble
+                cursor.deadline_s = self._deadline_s
                 yield cursor
                 if not cursor.preamble:  # a transaction was begun
                     cursor.execute("COMMIT")
         finally:
+            watchdog.close()
             self._checkin(conn)
 
     def warm(self) -> None:
@@ -200,27 +259,65 @@ class Pool:
         return conn
 
     def _take(self) -> PooledConnection:
-        """An open connection within its lifetime; expired or closed idle ones are dropped."""
+        """A live connection within its lifetime: an idle one that passes the checks below, or
+        a new one. Dead, expired and closed idle connections are dropped on the way."""
         while True:
+            if not self._connections._pool:  # getconn() will connect: respect the backoff
+                self._check_backoff()
             try:
                 conn = self._connections.getconn()
             except psycopg2.OperationalError as exc:
+                self._connect_failed()
                 raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
             now = time.monotonic()
             if conn.expires_at is None:
                 self._open += 1
+                self._connect_failures = 0
                 conn.expires_at = now + self._max_lifetime * (1 - LIFETIME_JITTER * random.random())
                 return conn
-            if conn.closed or now >= conn.expires_at:
+            if now >= conn.expires_at or not self._alive(conn, now - conn.idle_since):
                 self._discard(conn)
                 continue
             return conn
+
+    def _alive(self, conn: PooledConnection, idle_s: float) -> bool:
+        """Whether an idle connection still has a server behind it.
+
+        A backend that was terminated or shut down has sent its last message and closed the
+        socket: an idle connection with anything to read is dead (one poll, no round trip).
+        Only a connection idle for `ping_after_idle_s` pays for a `SELECT 1`.
+        """
+        if conn.closed:
+            return False
+        poller = _poll()
+        poller.register(conn.fileno(), _POLLIN)
+        if poller.poll(0):
+            return False
+        if idle_s < self._ping_after_idle_s:
+            return True
+        try:
+            with gevent.Timeout(self._ping_timeout), conn.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except (psycopg2.Error, gevent.Timeout):
+            return False
+        return True
+
+    def _check_backoff(self) -> None:
+        wait = self._next_connect_at - time.monotonic()
+        if wait > 0:
+            raise DatabaseUnavailable(f"the database is unreachable; next connect in {wait:.2f} s")
+
+    def _connect_failed(self) -> None:
+        self._connect_failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._connect_failures - 1, 10))
+        self._next_connect_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
 
     def _checkin(self, conn: PooledConnection) -> None:
         try:
             if self._closed:
                 conn.close()
             elif _reusable(conn):
+                conn.idle_since = time.monotonic()
                 self._connections.putconn(conn)
             else:
                 self._discard(conn)
@@ -238,6 +335,8 @@ class Pool:
         if self._free and not self._waiters:
             self._free -= 1
             return
+        if self._max_waiting and len(self._waiters) >= self._max_waiting:
+            raise PoolTimeout(f"{len(self._waiters)} requests already wait for a connection")
         waiter = Event()
         self._waiters.append(waiter)
         try:
@@ -258,6 +357,10 @@ class Pool:
             self._waiters.popleft().set()
         else:
             self._free += 1
+
+
+def _warn_leak(label: str, held_s: float) -> None:
+    log.warning("a database connection has been held for over %g s by %s", held_s, label or "?")
 
 
 def _reusable(conn: PooledConnection) -> bool:

@@ -28,8 +28,9 @@ def test_pool_max_follows_the_connection_budget(env, pool_max):
     assert load_settings(env).db_pool_max == pool_max
 
 
-def test_web_concurrency_defaults_to_the_cpu_count(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 3)
+def test_web_concurrency_defaults_to_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 2, 5})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # the host's, not ours
     assert load_settings({}).web_concurrency == 3
 
 
@@ -46,6 +47,8 @@ def test_web_concurrency_defaults_to_the_cpu_count(monkeypatch):
         ({"DB_CONNECT_TIMEOUT": "5s"}, "DB_CONNECT_TIMEOUT"),
         ({"DB_POOL_MAX_LIFETIME": "-3"}, "DB_POOL_MAX_LIFETIME"),
         ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
+        ({"DB_POOL_MAX_WAITING": "-1"}, "DB_POOL_MAX_WAITING"),
+        ({"DB_POOL_LEAK_WARN_S": "0"}, "DB_POOL_LEAK_WARN_S"),
         ({"DB_POOL_MIN": "6", "DB_POOL_MAX": "5"}, "DB_POOL_MIN"),
         ({"WEB_CONCURRENCY": "4", "DB_POOL_MAX": "10", "DB_MAX_CONNECTIONS": "20"}, "DB_POOL_MAX"),
         ({"DATABASE_URL": "postgresql://u:hunter2@h/db?bogus=1"}, "DATABASE_URL"),

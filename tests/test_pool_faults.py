@@ -1,0 +1,175 @@
+"""The pool when the network or the server misbehaves: dead idle connections are replaced
+before anyone uses them, connects back off while the server is away, the wait queue can be
+capped, and a connection held too long is reported."""
+
+import logging
+import time
+
+import gevent
+import psycopg2.extensions
+import pytest
+
+from service.pool import DatabaseUnavailable, PoolTimeout
+from tests.tcpproxy import TcpProxy
+
+
+@pytest.fixture
+def proxy(database_url):
+    params = psycopg2.extensions.parse_dsn(database_url)
+    proxy = TcpProxy(params.get("host", "127.0.0.1"), int(params.get("port", 5432))).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxied_url(database_url, proxy):
+    return psycopg2.extensions.make_dsn(database_url, host="127.0.0.1", port=proxy.port)
+
+
+def backend_pids(pool, n):
+    """Check out n connections at once and return their backend pids."""
+    pids, ready, done = [], gevent.event.Event(), gevent.event.Event()
+
+    def one():
+        with pool.connection() as db:
+            db.execute("SELECT pg_backend_pid() AS pid")
+            pids.append(db.fetchone()["pid"])
+            if len(pids) == n:
+                ready.set()
+            done.wait()
+
+    jobs = [gevent.spawn(one) for _ in range(n)]
+    ready.wait(5)
+    done.set()
+    gevent.joinall(jobs, raise_error=True)
+    return set(pids)
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        gevent.sleep(0.01)
+
+
+def test_idle_connections_killed_by_the_server_are_replaced_unnoticed(make_pool, admin):
+    pool = make_pool(max_size=3)
+    old = backend_pids(pool, 3)
+    admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid", (list(old),))
+    admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
+    wait_until(
+        lambda: (
+            not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
+            and admin.fetchone() is None
+        )
+    )
+
+    new = backend_pids(pool, 3)  # raises if any checkout hands out a dead connection
+    assert not new & old
+    assert pool.stats() == {"max": 3, "size": 3, "in_use": 0, "idle": 3, "waiting": 0}
+
+
+def test_a_silently_dead_idle_connection_is_pinged_and_replaced(make_pool, proxied_url, proxy):
+    pool = make_pool(proxied_url, max_size=1, connect_timeout=1, ping_after_idle_s=0.05)
+    with pool.connection() as db:
+        db.execute("SELECT pg_backend_pid() AS pid")
+        old = db.fetchone()["pid"]
+    proxy.cut()  # the link goes silent: no FIN, nothing to read, a ping never returns
+    gevent.sleep(0.1)  # idle past the ping threshold
+
+    started = time.monotonic()
+    with gevent.Timeout(5), pool.connection() as db:
+        db.execute("SELECT pg_backend_pid() AS pid")
+        assert db.fetchone()["pid"] != old
+    assert time.monotonic() - started < 3  # one ping timeout (1 s) and a connect
+
+
+def test_a_statement_on_a_link_that_dies_silently_ends_after_its_deadline(
+    make_pool, proxied_url, proxy
+):
+    pool = make_pool(proxied_url, max_size=1, statement_timeout_ms=300)
+    started = time.monotonic()
+    with gevent.Timeout(5), pytest.raises(DatabaseUnavailable), pool.connection() as db:
+        db.execute("SELECT 1")
+        proxy.cut()  # the server's statement timeout fires, but its answer never arrives
+        db.execute("SELECT pg_sleep(2)")
+    assert 1.2 < time.monotonic() - started < 2.5  # 0.3 s statement timeout + 1 s grace
+    assert pool.stats() == {"max": 1, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
+
+
+def test_connects_back_off_while_the_server_refuses(make_pool, proxied_url, proxy):
+    pool = make_pool(proxied_url, max_size=5, connect_timeout=1)
+    proxy.refuse()
+    outcomes = []
+
+    def client():
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            try:
+                with pool.connection(timeout=1) as db:
+                    db.execute("SELECT 1")
+                outcomes.append("ok")
+            except DatabaseUnavailable:
+                outcomes.append("unavailable")
+            gevent.sleep(0.01)
+
+    gevent.joinall([gevent.spawn(client) for _ in range(200)], raise_error=True)
+
+    assert len(outcomes) > 5000 and set(outcomes) == {"unavailable"}
+    # 0.05 s doubling to 1 s, with jitter: a dozen attempts, not one per request.
+    assert proxy.accepted < 40
+
+
+def test_the_pool_is_used_again_within_a_second_of_the_server_returning(
+    make_pool, proxied_url, proxy
+):
+    pool = make_pool(proxied_url, max_size=2, connect_timeout=1)
+    proxy.refuse()
+    for _ in range(6):  # back off to the longest delay
+        with pytest.raises(DatabaseUnavailable), pool.connection() as db:
+            db.execute("SELECT 1")
+        gevent.sleep(0.3)
+    proxy.restore()
+    back = time.monotonic()
+    while True:
+        try:
+            with pool.connection() as db:
+                db.execute("SELECT 1")
+            break
+        except DatabaseUnavailable:
+            assert time.monotonic() - back < 2
+            gevent.sleep(0.02)
+    assert time.monotonic() - back < 1.1
+
+
+def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
+    pool = make_pool(max_size=1, max_waiting=2, timeout=5)
+    release = gevent.event.Event()
+
+    def holder():
+        with pool.connection() as db:
+            db.execute("SELECT 1")
+            release.wait()
+
+    jobs = [gevent.spawn(holder) for _ in range(3)]  # one holds, two wait
+    wait_until(lambda: pool.stats()["waiting"] == 2)
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout), pool.connection():
+        pass
+    assert time.monotonic() - started < 0.1
+    release.set()
+    gevent.joinall(jobs, raise_error=True)
+    assert pool.stats()["in_use"] == 0
+
+
+def test_a_connection_held_too_long_is_reported_once_with_its_route(make_pool, caplog):
+    pool = make_pool(max_size=1, leak_warn_s=0.1)
+    with caplog.at_level(logging.WARNING, logger="service.pool"):
+        with pool.connection(label="GET /slow") as db:
+            db.execute("SELECT pg_sleep(0.35)")
+        with pool.connection(label="GET /fast") as db:
+            db.execute("SELECT 1")
+        gevent.sleep(0.2)  # past the threshold after /fast returned its connection
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GET /slow" in warnings[0]
