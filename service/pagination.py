@@ -40,6 +40,7 @@ def decode_cursor(raw: str | None) -> int | None:
     except (binascii.Error, UnicodeError, ValueError):
         text = ""
     match = _CURSOR.fullmatch(text)
-    if not match or int(match[1]) > BIGINT_MAX:
+    # Only the exact text encode_cursor() gives: lenient base64 would take added characters.
+    if not match or int(match[1]) > BIGINT_MAX or encode_cursor(int(match[1])) != raw:
         raise ApiError(400, "invalid_cursor", "cursor is not one this service returned")
     return int(match[1])

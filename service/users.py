@@ -25,7 +25,7 @@ EMAIL_MAX = 254
 FIELDS = ("name", "email")
 _COLUMNS = "id, name, email, created_at"
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 
 
 @bp.post("")
@@ -60,8 +60,9 @@ def list_users():
 
 @bp.get("/<user_id>")
 def get_user(user_id: str):
+    uid = _parse_id(user_id)
     with get_db() as db:
-        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = %s", (_parse_id(user_id),))
+        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = %s", (uid,))
         user = db.fetchone()
     return _public(_found(user))
 
@@ -82,8 +83,9 @@ def update_user(user_id: str):
 
 @bp.delete("/<user_id>")
 def delete_user(user_id: str):
+    uid = _parse_id(user_id)
     with get_db() as db:
-        db.execute("DELETE FROM users WHERE id = %s", (_parse_id(user_id),))
+        db.execute("DELETE FROM users WHERE id = %s", (uid,))
         deleted = db.rowcount
     if not deleted:
         raise _not_found()
@@ -109,7 +111,10 @@ def _not_found() -> ApiError:
 
 def _read_fields(required: bool) -> dict[str, str]:
     """The validated fields of the JSON body: all of them to create, at least one to update."""
-    body = request.get_json()  # 415 when not JSON, 400 when malformed, 413 when over 1 MiB
+    try:
+        body = request.get_json()  # 415 when not JSON, 400 when malformed, 413 when over 1 MiB
+    except RecursionError:  # valid JSON nested deeper than the parser goes: still the client's
+        raise ApiError(400, "bad_request", "the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", "the body must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))
