@@ -31,6 +31,7 @@ from pathlib import Path
 import psycopg2
 
 START_DEADLINE_S = 60.0
+DEBIAN_BINDIRS = "/usr/lib/postgresql/*/bin"  # one folder per installed major version
 INSTALL_HINT = (
     "PostgreSQL server binaries (initdb, postgres) were not found. Install them "
     "(Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql`), "
@@ -43,15 +44,18 @@ class LocalPostgresError(RuntimeError):
 
 
 def find_bindir() -> Path:
-    """Where initdb and postgres live: PG_BINDIR, PATH, then Debian's versioned folders."""
-    candidates = []
+    """Where initdb and postgres live: PG_BINDIR, else PATH, then Debian's versioned folders.
+
+    A PG_BINDIR set is the only folder looked at: when it holds no server, that is reported
+    rather than silently replaced by some other installation.
+    """
     if os.environ.get("PG_BINDIR"):
-        candidates.append(Path(os.environ["PG_BINDIR"]))
-    on_path = shutil.which("initdb")
-    if on_path:
-        candidates.append(Path(on_path).parent)
-    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
-    candidates += [Path(p) for p in debian]
+        candidates = [Path(os.environ["PG_BINDIR"])]
+    else:
+        on_path = shutil.which("initdb")
+        candidates = [Path(on_path).parent] if on_path else []
+        debian = sorted(glob.glob(DEBIAN_BINDIRS), key=_version_key, reverse=True)
+        candidates += [Path(p) for p in debian]
     for folder in candidates:
         if (folder / "initdb").exists() and (folder / "postgres").exists():
             return folder

@@ -1,0 +1,316 @@
+"""End to end: the production command, real HTTP on 127.0.0.1, a real PostgreSQL behind it.
+
+One gunicorn (2 workers, 4 connections each) serves the load tests of this module; the tests
+that stop a server, or start one with a bad setting, run their own. A lock on `users` held by
+the test is how requests are made to pile up inside the service: every request that got a
+connection waits on the lock with it, every other one waits for a connection.
+"""
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import gevent
+import gevent.pool
+import psycopg2
+import psycopg2.extensions
+import pytest
+from gevent.event import Event
+from gunicorn_proc import Gunicorn, call, refuses_connections, wait_until
+
+WORKERS = 2
+POOL_MAX = 4
+BUDGET = WORKERS * POOL_MAX  # server connections the service may hold in all
+SERVER_ENV = {
+    "WEB_CONCURRENCY": str(WORKERS),
+    "DB_POOL_MAX": str(POOL_MAX),
+    "DB_POOL_TIMEOUT": "10",
+    "DB_STATEMENT_TIMEOUT_MS": "10000",
+}
+APP_NAME = "service"  # the application_name service.pool.Pool gives its connections
+GRACEFUL_TIMEOUT_S = 30  # gunicorn.conf.py
+
+
+@pytest.fixture(scope="module")
+def server(database_url, tmp_path_factory):
+    log = tmp_path_factory.mktemp("e2e") / "gunicorn.log"
+    with Gunicorn(database_url, log, **SERVER_ENV) as gunicorn:
+        yield gunicorn
+
+
+@pytest.fixture
+def fresh_database(database_url):
+    """An empty database of its own, so that a server's connections are counted apart."""
+    name = f"e2e_{secrets.token_hex(4)}"
+    with autocommit(database_url) as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield psycopg2.extensions.make_dsn(database_url, dbname=name)
+    with autocommit(database_url) as cur:
+        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def autocommit(dsn):
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    conn.autocommit = True
+    try:
+        yield conn.cursor()
+    finally:
+        conn.close()
+
+
+@contextmanager
+def users_locked(dsn):
+    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits."""
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = '5s'")
+            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def app_backends(cur) -> list[tuple[int, int, str | None]]:
+    """(pid, client port, wait event type) of the service's connections to this database."""
+    cur.execute(
+        "SELECT pid, client_port, wait_event_type FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = %s",
+        (APP_NAME,),
+    )
+    return cur.fetchall()
+
+
+def waiting_on_lock(cur) -> int:
+    return sum(wait == "Lock" for _, _, wait in app_backends(cur))
+
+
+def seed_users(cur, n: int) -> list[int]:
+    cur.execute(
+        "INSERT INTO users (name, email)"
+        " SELECT 'seed ' || i, 'seed' || i || '@example.com' FROM generate_series(1, %s) AS i"
+        " RETURNING id",
+        (n,),
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+class Sampler:
+    """Counts the service's connections over and over, on a connection of its own."""
+
+    def __init__(self, dsn: str, limit_s: float = 60.0):
+        self.dsn = dsn
+        self.limit_s = limit_s
+        self.samples: list[tuple[int, int]] = []  # (connections, of which waiting on a lock)
+        self._stop = Event()
+
+    def __enter__(self):
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._greenlet.get(timeout=10)
+
+    def _run(self):
+        deadline = time.monotonic() + self.limit_s
+        with autocommit(self.dsn) as cur:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                backends = app_backends(cur)
+                self.samples.append((len(backends), sum(w == "Lock" for *_, w in backends)))
+                self._stop.wait(0.005)
+
+    @property
+    def most_waiting(self) -> int:
+        return max((waiting for _, waiting in self.samples), default=0)
+
+
+def fill_pools(port: int, dsn: str, path: str, cur, rounds: int = 5) -> None:
+    """Make every worker open all its connections: requests pile up behind a lock until each
+    pool is lent out. Retried: the kernel, not the test, decides which worker accepts what."""
+    for _ in range(rounds):
+        with users_locked(dsn):
+            clients = [gevent.spawn(call, port, "GET", path) for _ in range(4 * BUDGET)]
+            deadline = time.monotonic() + 3
+            while waiting_on_lock(cur) < BUDGET and time.monotonic() < deadline:
+                gevent.sleep(0.02)
+        assert [c.get(timeout=30)[0] for c in clients] == [200] * len(clients)
+        if len(app_backends(cur)) == BUDGET:
+            return
+    raise AssertionError(f"the pools did not grow to {BUDGET} connections in {rounds} rounds")
+
+
+def socket_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process `pid` holds open (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # exited meanwhile
+            continue
+        if parent == pid:
+            found.add(int(entry))
+    return found
+
+
+def test_500_concurrent_requests_succeed_within_the_connection_budget(server, database_url, admin):
+    ids = seed_users(admin, 50)
+    requests = [
+        ("GET", f"/users/{ids[i % len(ids)]}", None)
+        if i % 2
+        else ("POST", "/users", {"name": f"new {i}", "email": f"new{i}@example.com"})
+        for i in range(500)
+    ]
+    go, connected = Event(), []
+    with Sampler(database_url) as sampler:
+        with users_locked(database_url):
+            clients = [
+                gevent.spawn(call, server.port, method, path, body, go=go, connected=connected)
+                for method, path, body in requests
+            ]
+            wait_until(lambda: len(connected) == len(requests), 20, "500 open connections")
+            go.set()  # 500 requests at once, each wanting a connection
+            wait_until(lambda: sampler.most_waiting >= POOL_MAX, 10, "a pool lent out in full")
+        finished = gevent.joinall(clients, timeout=60)
+    assert len(finished) == len(requests)
+
+    connections = [total for total, _ in sampler.samples]
+    assert len(connections) >= 10, "the sampler barely ran"
+    assert 1 <= max(connections) <= BUDGET
+
+    results = [client.get() for client in clients]
+    assert Counter(status for status, _ in results) == {200: 250, 201: 250}
+    for (method, path, body), (_, answer) in zip(requests, results, strict=True):
+        if method == "GET":
+            assert path == f"/users/{answer['id']}"
+        else:
+            assert answer["email"] == body["email"]
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 50 + 250
+
+
+def test_connections_are_reused_across_1000_requests(server, database_url, admin):
+    ids = seed_users(admin, 20)
+    fill_pools(server.port, database_url, f"/users/{ids[0]}", admin)
+    before = sorted(pid for pid, *_ in app_backends(admin))
+    assert len(before) == BUDGET
+
+    paths = [f"/users/{ids[i % len(ids)]}" for i in range(1000)]
+    clients = gevent.pool.Pool(16)
+    statuses = clients.map(lambda path: call(server.port, "GET", path)[0], paths)
+
+    assert Counter(statuses) == {200: 1000}
+    assert sorted(pid for pid, *_ in app_backends(admin)) == before
+
+
+def test_each_worker_opens_and_owns_its_own_pool(server, admin):
+    master = server.proc.pid
+    workers = children(master)
+    assert len(workers) == WORKERS
+    assert len(server.log_lines("pool open")) == WORKERS
+
+    # Every connection is held by exactly one worker; none is inherited from the master.
+    client_ports = {port for _, port, _ in app_backends(admin)}
+    owned = {pid: socket_ports(pid) & client_ports for pid in workers}
+    assert all(owned.values()), owned
+    assert sum(len(ports) for ports in owned.values()) == len(client_ports)
+    assert set().union(*owned.values()) == client_ports
+    assert not socket_ports(master) & client_ports
+    # The master's own connection (migrations) was closed before the first fork.
+    admin.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = 'service-migrate'"
+    )
+    assert admin.fetchone()[0] == 0
+
+
+def test_the_log_names_the_database_but_never_its_password(server, database_url):
+    dsn = psycopg2.extensions.parse_dsn(database_url)
+    assert dsn.get("password"), "this test needs a database URL with a password"
+    assert call(server.port, "GET", "/readyz")[0] == 200
+
+    assert dsn["password"] not in server.log
+    [line] = server.log_lines("database: ")
+    assert "password=***" in line
+    assert f"dbname={dsn['dbname']}" in line
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_database, tmp_path):
+    in_flight = 10
+    # A pool as large as the requests in flight, so all of them hold a connection on the lock.
+    env = {**SERVER_ENV, "DB_POOL_MAX": str(in_flight)}
+    with (
+        Gunicorn(fresh_database, tmp_path / "gunicorn.log", **env) as gunicorn,
+        autocommit(fresh_database) as admin,
+    ):
+        [user_id] = seed_users(admin, 1)
+        with users_locked(fresh_database):
+            clients = [
+                gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}")
+                for _ in range(in_flight)
+            ]
+            wait_until(lambda: waiting_on_lock(admin) == in_flight, 10, "requests on the lock")
+            gunicorn.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            wait_until(lambda: refuses_connections(gunicorn.port), 10, "the listeners to close")
+            # The workers now drain, checking once a second for requests still running: keep
+            # these running for more than one check, so that the workers must wait for them.
+            gevent.sleep(1.5)
+            assert waiting_on_lock(admin) == in_flight
+
+        code = gunicorn.proc.wait(timeout=GRACEFUL_TIMEOUT_S)
+        assert time.monotonic() - signalled < GRACEFUL_TIMEOUT_S
+        assert code == 0
+        assert [client.get(timeout=5)[0] for client in clients] == [200] * in_flight
+        wait_until(lambda: not app_backends(admin), 10, "the service's connections to close")
+    assert "graceful timeout" not in gunicorn.log
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("WEB_CONCURRENCY", "0"), ("DB_POOL_TIMEOUT", "-1"), ("DB_POOL_MAX", "many")],
+)
+def test_a_bad_setting_stops_gunicorn_with_a_message_naming_it(database_url, tmp_path, name, value):
+    gunicorn = Gunicorn(database_url, tmp_path / "gunicorn.log", **{**SERVER_ENV, name: value})
+    gunicorn.start()
+    try:
+        code = gunicorn.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        gunicorn.terminate()
+        pytest.fail(f"gunicorn kept running with {name}={value}:\n{gunicorn.log}")
+
+    assert code != 0
+    [message] = gunicorn.log_lines("configuration error:")
+    assert message.startswith(f"configuration error: {name}=")
+    assert value in message
+    assert "Booting worker" not in gunicorn.log
+    assert psycopg2.extensions.parse_dsn(database_url)["password"] not in gunicorn.log

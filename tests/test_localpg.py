@@ -1,0 +1,104 @@
+"""`python -m service.localpg -- COMMAND`: the throwaway PostgreSQL behind `make run`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import localpg
+from service.localpg import LocalPostgresError, find_bindir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_localpg(command: list[str], timeout: float = 120, **env: str):
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_BINDIR")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.localpg", "--", *command],
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def fake_installation(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("initdb", "postgres"):
+        (folder / name).touch(mode=0o755)
+    return folder
+
+
+def test_without_server_binaries_or_database_url_it_says_what_to_install(tmp_path):
+    folders = os.environ["PATH"].split(os.pathsep)
+    without_initdb = os.pathsep.join(d for d in folders if not (Path(d) / "initdb").exists())
+    done = run_localpg(
+        [sys.executable, "-c", "print('the command ran')"],
+        PATH=without_initdb,
+        PG_BINDIR=str(tmp_path),
+    )
+    assert done.returncode != 0
+    assert "apt-get install postgresql" in done.stderr
+    assert "DATABASE_URL" in done.stderr
+    assert "the command ran" not in done.stdout
+
+
+def test_with_database_url_it_runs_the_command_against_it_and_starts_nothing(tmp_path):
+    url = "postgresql://nobody:secret@127.0.0.1:1/elsewhere"
+    print_url = "import os, sys; print(os.environ['DATABASE_URL']); sys.exit(4)"
+    # No binaries either: starting a server here would fail loudly.
+    done = run_localpg([sys.executable, "-c", print_url], DATABASE_URL=url, PG_BINDIR=str(tmp_path))
+    assert done.returncode == 4
+    assert done.stdout == url + "\n"
+    assert "throwaway" not in done.stdout + done.stderr
+
+
+def test_without_database_url_it_runs_the_command_on_a_throwaway_server_then_removes_it():
+    select_one = (
+        "import os, sys, psycopg2\n"
+        "conn = psycopg2.connect(os.environ['DATABASE_URL'])\n"
+        "cur = conn.cursor()\n"
+        "cur.execute('SELECT 1')\n"
+        "assert cur.fetchone() == (1,)\n"
+        "cur.execute('SHOW data_directory')\n"
+        "print('data directory:', cur.fetchone()[0])\n"
+        "conn.close()\n"
+        "sys.exit(3)\n"
+    )
+    done = run_localpg([sys.executable, "-c", select_one])
+    assert done.returncode == 3, done.stdout + done.stderr
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("data directory:")]
+    cluster = Path(line.split(":", 1)[1].strip()).parent
+    assert cluster.name.startswith("localpg-")
+    assert not cluster.exists()
+    assert "stopped and removed" in done.stdout
+
+
+def test_nothing_found_anywhere_raises_the_install_hint(tmp_path, monkeypatch):
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(localpg, "DEBIAN_BINDIRS", str(tmp_path / "*" / "bin"))
+    with pytest.raises(LocalPostgresError, match="apt-get install postgresql"):
+        find_bindir()
+
+
+def test_the_newest_debian_installation_is_chosen(tmp_path, monkeypatch):
+    monkeypatch.delenv("PG_BINDIR", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(localpg, "DEBIAN_BINDIRS", str(tmp_path / "*" / "bin"))
+    for version in ("9", "17", "16"):
+        fake_installation(tmp_path / version / "bin")
+    assert find_bindir() == tmp_path / "17" / "bin"
+
+
+def test_pg_bindir_is_the_only_folder_looked_at_when_set(tmp_path, monkeypatch):
+    on_path = fake_installation(tmp_path / "on-path")
+    monkeypatch.setenv("PATH", str(on_path))
+    monkeypatch.setenv("PG_BINDIR", str(tmp_path))
+    with pytest.raises(LocalPostgresError):
+        find_bindir()
+    monkeypatch.setenv("PG_BINDIR", str(on_path))
+    assert find_bindir() == on_path
