@@ -1,12 +1,14 @@
 # Two commands do all set-up on a fresh machine:
 #   make run   serve through the production command (a throwaway PostgreSQL when DATABASE_URL is unset)
 #   make test  run the test suite against a throwaway PostgreSQL (or TEST_DATABASE_URL)
+# and, for performance work:
+#   make bench the benchmark of issue 4: bench/RESULTS.md and bench/results.png
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format clean
+.PHONY: run test bench format clean
 
 # The virtualenv is rebuilt whenever a requirements file changes.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
@@ -23,6 +25,27 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# make bench   the service against per-request connections, a psycopg 3 peer, its own /healthz
+#              and pgbench, at 50 to 10,000 connections: writes bench/RESULTS.md and results.png
+# BENCH_ARGS passes flags through, e.g. a quick run:
+#   make bench BENCH_ARGS="--levels 50,500 --duration 5"
+
+BENCH_ARGS ?=
+
+$(BIN)/.bench-installed: $(BIN)/.installed bench/requirements.txt
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	@touch $@
+
+bench: $(BIN)/.bench-installed
+	@command -v wrk >/dev/null || { \
+	    if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; \
+	    else \
+	        echo "wrk is missing: install it (Debian/Ubuntu: sudo apt-get install wrk;" \
+	             "macOS: brew install wrk), then run make bench again"; exit 1; \
+	    fi; }
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .

@@ -1,0 +1,357 @@
+"""Renders a run: `bench/RESULTS.md`, `bench/results.png`, the seed's table and the goals.
+
+`python -m bench.report [FOLDER]` renders a saved results.json again, without measuring.
+Throughput is the rate of answers below 400 ("ok req/s"): a server that answers fast with
+errors does not get credit for them. Little's law uses every answer, as a closed loop does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.results import Cell, Run
+
+ORDER = ("pooled", "ceiling", "per-request", "peer", "database")
+C10K = 10_000
+LITTLE_FACTOR = 2.5
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    met: bool | None  # None: not measured in this run
+    detail: str
+
+
+# ---------------------------------------------------------------- goals
+
+
+def goals(run: Run) -> list[Goal]:
+    found = [
+        _ratio_goal(run, "per-request", 8.0),
+        _ratio_goal(run, "peer", 1.5),
+        _ratio_goal(run, "ceiling", 0.6),
+    ]
+    return [*found, *_c10k_goals(run)]
+
+
+def _ratio_goal(run: Run, other: str, target: float) -> Goal:
+    name = f"pooled ≥ {target:g} x {other} (ok req/s, at every level)"
+    ratios = []
+    for level in run.levels():
+        pooled, theirs = run.cell("pooled", level), run.cell(other, level)
+        if pooled and theirs:
+            ratios.append((level, _ratio(pooled.ok_rps, theirs.ok_rps)))
+    if not ratios:
+        return Goal(name, None, "not measured")
+    detail = ", ".join(f"{_fmt_ratio(r)} at {level:,}" for level, r in ratios)
+    return Goal(name, all(r >= target for _, r in ratios), detail)
+
+
+def _c10k_goals(run: Run) -> list[Goal]:
+    cell = run.cell("pooled", C10K)
+    if cell is None:
+        missing = "not measured: run with concurrency 10000"
+        return [Goal(f"at {C10K:,}: {what}", None, missing) for what in _C10K_WHAT]
+    bound = LITTLE_FACTOR * little_wait_ms(cell)
+    loose = (
+        f"; but {cell.listen_overflows:,} connection attempts overflowed the accept queue, so "
+        "fewer than 10,000 connections were in service at once and the bound is loose"
+        if cell.listen_overflows
+        else ""
+    )
+    return [
+        Goal(
+            f"at {C10K:,}: {_C10K_WHAT[0]}",
+            cell.socket_errors == 0,
+            f"{cell.socket_errors} (connect {cell.connect_errors}, read {cell.read_errors}, "
+            f"write {cell.write_errors}, timeout {cell.timeouts})",
+        ),
+        Goal(f"at {C10K:,}: {_C10K_WHAT[1]}", cell.non_2xx == 0, f"{cell.non_2xx}"),
+        Goal(
+            f"at {C10K:,}: {_C10K_WHAT[2]}",
+            cell.p99_ms <= bound,
+            f"p99 {cell.p99_ms:,.0f} ms vs {LITTLE_FACTOR:g} x {little_wait_ms(cell):,.0f} ms "
+            f"= {bound:,.0f} ms (ratio {cell.p99_ms / little_wait_ms(cell):.2f}){loose}",
+        ),
+    ]
+
+
+_C10K_WHAT = (
+    "zero socket errors",
+    "zero non-2xx",
+    f"p99 ≤ {LITTLE_FACTOR:g} x 10,000 / req/s",
+)
+
+
+def little_wait_ms(cell: Cell) -> float:
+    """The mean time in the system that Little's law gives a closed loop: N / throughput."""
+    return cell.concurrency / cell.rps * 1000 if cell.rps else math.inf
+
+
+def _ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs else math.inf
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return "∞ (it served none)" if math.isinf(ratio) else f"{ratio:.2f}x"
+
+
+# ---------------------------------------------------------------- the seed's table
+
+
+def before_after(run: Run) -> str:
+    """The seed's "Before vs After" table with this run's numbers beside its claims."""
+    t = run.connect_times
+    before = [c for c in run.cells if c.variant == "per-request"]
+    after = [c for c in run.cells if c.variant == "pooled"]
+    rows = [
+        (
+            "Connection time per request",
+            "20-100 ms",
+            f"{t.connect.median_ms:.2f} ms median, {t.connect.p99_ms:.2f} ms p99 "
+            "(psycopg2.connect, one at a time)"
+            if t
+            else "not measured",
+            "~0 ms",
+            f"{t.checkout.median_ms * 1000:.1f} µs median, {t.checkout.p99_ms * 1000:.1f} µs p99 "
+            "(get_db() checkout and return)"
+            if t
+            else "not measured",
+        ),
+        (
+            "Database part of a request (connect or checkout + SELECT)",
+            "",
+            f"{t.connect_and_select.median_ms:.2f} ms median" if t else "not measured",
+            "",
+            f"{t.checkout_and_select.median_ms:.3f} ms median" if t else "not measured",
+        ),
+        (
+            "Max concurrent users served without errors",
+            "~20",
+            _most_served(before),
+            "500+",
+            _most_served(after),
+        ),
+        (
+            "Server backends and their memory (peak)",
+            '"high"',
+            _memory(before),
+            '"stable"',
+            _memory(after),
+        ),
+    ]
+    head = "| | seed: before | measured: per-request | seed: after | measured: pooled |"
+    lines = [head, "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _most_served(cells: list[Cell]) -> str:
+    if not cells:
+        return "not measured"
+    clean = [c.concurrency for c in cells if c.clean]
+    failed = [c.concurrency for c in cells if not c.clean]
+    if not clean:
+        return f"none of the levels tried (errors from {min(failed):,})"
+    best = max(clean)
+    p99_s = next(c.p99_ms for c in cells if c.concurrency == best) / 1000
+    more = [level for level in failed if level > best]
+    tail = f"; errors at {min(more):,}" if more else " (the most tried)"
+    return f"{best:,} (p99 {p99_s:.1f} s){tail}"
+
+
+def _memory(cells: list[Cell]) -> str:
+    if not cells:
+        return "not measured"
+    return "; ".join(
+        f"{c.concurrency:,}: {c.peak_connections} backends, {c.rss_mb:,.0f} MB RSS "
+        f"({c.anon_mb:,.0f} MB private)"
+        for c in cells
+    )
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def markdown(run: Run, image_name: str) -> str:
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Measured {run.date} with `{run.command}` (from the repository root; `make bench` "
+        "runs the same with every level).",
+        "",
+        "**The load generator (wrk or pgbench), the server under test and PostgreSQL share "
+        "the same 2 cores**, so every figure is a lower bound of what the server does alone; "
+        "compare the variants with each other, not with other machines.",
+        _others_note(run),
+        "",
+        "## Machine",
+        "",
+        *[f"- {key}: {value}" for key, value in run.machine.items()],
+        "",
+        "## Set-up",
+        "",
+        *[f"- {key}: {value}" for key, value in run.settings.items()],
+        "",
+        "Variants:",
+        "",
+        *[f"- **{name}**: {what}" for name, what in run.variants.items()],
+        "",
+        "## Before vs After",
+        "",
+        before_after(run),
+        "",
+        "## Goals",
+        "",
+        goals_table(run),
+        "",
+        "## Throughput (ok req/s) by variant and concurrency",
+        "",
+        _matrix(run),
+        "",
+        f"![throughput and p99 against concurrency]({image_name})",
+        "",
+        "## Each variant",
+        "",
+        "Socket errors are wrk's connect / read / write / timeout counts; non-2xx counts "
+        "answers of 400 and above (for the database: failed transactions). Peak server "
+        "connections and backend RSS come from sampling pg_stat_activity and /proc five "
+        "times a second; RSS counts shared buffers once per backend that touched them, "
+        '"private" is RssAnon. CPU ms/req is the CPU time of the server (gunicorn and its '
+        "workers), of the database (postmaster and backends) and of the load generator, "
+        "divided by the requests answered; others' load is the CPU that processes outside "
+        "the bench used meanwhile, in cores out of 2: a cell with much of it was disturbed. "
+        "Listen overflows are the connections the kernel dropped meanwhile because an accept "
+        "queue was full (TcpExt ListenOverflows): the client retries its SYN 1, 3, 7 s later.",
+        "",
+    ]
+    for name in _variants(run):
+        parts += [f"### {name}", "", _variant_table(run, name), ""]
+        if name in run.server_logs:
+            counts = ", ".join(f"{key}: {n}" for key, n in run.server_logs[name].items())
+            parts += [f"Server log over all levels: {counts}.", ""]
+    return "\n".join(parts)
+
+
+def _others_note(run: Run) -> str:
+    if not run.cells:
+        return ""
+    loads = [cell.cpu.other_cores for cell in run.cells]
+    return (
+        f"Processes outside the bench (other people's work on this machine) used "
+        f"{sum(loads) / len(loads):.2f} cores on average while the cells were measured, "
+        f'{max(loads):.2f} at most (column "others\' load" below).'
+    )
+
+
+def goals_table(run: Run) -> str:
+    lines = ["| goal | result | measured |", "|---|---|---|"]
+    for goal in goals(run):
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[goal.met]
+        lines.append(f"| {goal.name} | {verdict} | {goal.detail} |")
+    return "\n".join(lines)
+
+
+def _matrix(run: Run) -> str:
+    levels = run.levels()
+    lines = [
+        "| variant | " + " | ".join(f"{level:,}" for level in levels) + " |",
+        "|---|" + "---:|" * len(levels),
+    ]
+    for name in _variants(run):
+        row = []
+        for level in levels:
+            cell = run.cell(name, level)
+            row.append(f"{cell.ok_rps:,.0f}" if cell else "")
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _variant_table(run: Run, name: str) -> str:
+    lines = [
+        "| concurrency | req/s | ok req/s | p50 ms | p99 ms | socket errors c/r/w/t "
+        "| non-2xx | peak server conns | backend RSS MB (private) "
+        "| CPU ms/req server / db / load | others' load (cores) | listen overflows |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for cell in sorted((c for c in run.cells if c.variant == name), key=lambda c: c.concurrency):
+        level = f"{cell.concurrency:,}"
+        if cell.clients is not None:
+            level += f" ({cell.clients} clients)"
+        cpu = " / ".join(
+            "-" if math.isnan(ms) else f"{ms:.2f}"
+            for ms in map(
+                cell.cpu_ms_per_request, (cell.cpu.server_s, cell.cpu.database_s, cell.cpu.load_s)
+            )
+        )
+        lines.append(
+            f"| {level} | {cell.rps:,.0f} | {cell.ok_rps:,.0f} | {_ms(cell.p50_ms)} "
+            f"| {_ms(cell.p99_ms)} | {cell.connect_errors}/{cell.read_errors}/"
+            f"{cell.write_errors}/{cell.timeouts} | {cell.non_2xx:,} "
+            f"| {cell.peak_connections} | {cell.rss_mb:,.0f} ({cell.anon_mb:,.0f}) "
+            f"| {cpu} | {cell.cpu.other_cores:.2f} | {cell.listen_overflows:,} |"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _variants(run: Run) -> list[str]:
+    present = {cell.variant for cell in run.cells}
+    return [name for name in ORDER if name in present]
+
+
+# ---------------------------------------------------------------- results.png
+
+
+def write(run: Run, out: Path) -> None:
+    """results.json, results.png and RESULTS.md in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    run.save(out / "results.json")
+    plot(run, out / "results.png")
+    (out / "RESULTS.md").write_text(markdown(run, "results.png"))
+
+
+def plot(run: Run, path: Path) -> None:
+    """Throughput and p99 against concurrency (log scale), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for name in _variants(run):
+        cells = sorted((c for c in run.cells if c.variant == name), key=lambda c: c.concurrency)
+        levels = [c.concurrency for c in cells]
+        left.plot(levels, [c.ok_rps for c in cells], marker="o", label=name)
+        right.plot(levels, [c.p99_ms for c in cells], marker="o", label=name)
+    left.set(title="Throughput (answers < 400 per second)", ylabel="ok req/s", yscale="log")
+    right.set(title="p99 latency", ylabel="ms", yscale="log")
+    for axes in (left, right):
+        axes.set(xscale="log", xlabel="concurrent connections")
+        axes.set_xticks(run.levels(), [f"{level:,}" for level in run.levels()])
+        axes.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+    figure.suptitle(
+        "2 gunicorn workers, pool 10 per worker; wrk, servers and PostgreSQL on 2 cores"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":  # render a saved run again: python -m bench.report [FOLDER]
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent)
+    write(Run.load(folder / "results.json"), folder)
+    print(f"bench: wrote {folder / 'RESULTS.md'} and {folder / 'results.png'}")

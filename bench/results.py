@@ -1,0 +1,164 @@
+"""The figures of one bench run, as measured: what the report is rendered from.
+
+Kept as `bench/results.json` beside the report, so that every number in RESULTS.md can be
+traced back to one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.backends import Peak
+from bench.connect_time import ConnectTimes, Timing
+from bench.cpu import CpuUse
+from bench.pgbench import PgbenchResult
+from bench.wrk import WrkResult
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One variant at one concurrency. For the database variant the "requests" are pgbench
+    transactions, `non_2xx` counts failed transactions and `clients` its connections."""
+
+    variant: str
+    concurrency: int
+    rps: float
+    ok_rps: float
+    p50_ms: float
+    p99_ms: float
+    connect_errors: int
+    read_errors: int
+    write_errors: int
+    timeouts: int
+    non_2xx: int
+    peak_connections: int
+    rss_mb: float
+    anon_mb: float
+    requests: int
+    cpu: CpuUse
+    listen_overflows: int  # connections the kernel dropped from full accept queues meanwhile
+    clients: int | None = None
+
+    @property
+    def socket_errors(self) -> int:
+        return self.connect_errors + self.read_errors + self.write_errors + self.timeouts
+
+    @property
+    def clean(self) -> bool:
+        """Every request answered below 400, none lost."""
+        return self.socket_errors == 0 and self.non_2xx == 0 and self.ok_rps > 0
+
+    def cpu_ms_per_request(self, seconds: float) -> float:
+        return seconds * 1000 / self.requests if self.requests else math.nan
+
+    @classmethod
+    def from_wrk(
+        cls,
+        variant: str,
+        concurrency: int,
+        wrk: WrkResult,
+        peak: Peak,
+        cpu: CpuUse,
+        listen_overflows: int,
+    ) -> Cell:
+        return cls(
+            variant=variant,
+            concurrency=concurrency,
+            rps=wrk.rps,
+            ok_rps=wrk.ok_rps,
+            p50_ms=wrk.p50_ms,
+            p99_ms=wrk.p99_ms,
+            connect_errors=wrk.connect_errors,
+            read_errors=wrk.read_errors,
+            write_errors=wrk.write_errors,
+            timeouts=wrk.timeouts,
+            non_2xx=wrk.non_2xx,
+            peak_connections=peak.connections,
+            rss_mb=peak.rss_mb,
+            anon_mb=peak.anon_mb,
+            requests=wrk.requests,
+            cpu=cpu,
+            listen_overflows=listen_overflows,
+        )
+
+    @classmethod
+    def from_pgbench(
+        cls, concurrency: int, result: PgbenchResult, peak: Peak, cpu: CpuUse, listen_overflows: int
+    ) -> Cell:
+        ok = result.transactions - result.failed
+        return cls(
+            variant="database",
+            concurrency=concurrency,
+            rps=result.tps,
+            ok_rps=result.tps * ok / result.transactions if result.transactions else 0.0,
+            p50_ms=result.p50_ms,
+            p99_ms=result.p99_ms,
+            connect_errors=0,
+            read_errors=0,
+            write_errors=0,
+            timeouts=0,
+            non_2xx=result.failed,
+            peak_connections=peak.connections,
+            rss_mb=peak.rss_mb,
+            anon_mb=peak.anon_mb,
+            requests=result.transactions,
+            cpu=cpu,
+            listen_overflows=listen_overflows,
+            clients=result.clients,
+        )
+
+
+@dataclass
+class Run:
+    command: str
+    date: str
+    machine: dict[str, str]
+    settings: dict[str, str]
+    variants: dict[str, str]  # name: what it is
+    connect_times: ConnectTimes | None = None
+    cells: list[Cell] = field(default_factory=list)
+    server_logs: dict[str, dict[str, int]] = field(default_factory=dict)  # variant: counts
+    logs_folder: str = ""
+
+    def cell(self, variant: str, concurrency: int) -> Cell | None:
+        for cell in self.cells:
+            if (cell.variant, cell.concurrency) == (variant, concurrency):
+                return cell
+        return None
+
+    def levels(self) -> list[int]:
+        return sorted({cell.concurrency for cell in self.cells})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(_finite(asdict(self)), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        """A run saved by `save()`, to render its report again without measuring again."""
+        data = json.loads(path.read_text())
+        times = data.pop("connect_times")
+        cells = data.pop("cells")
+        run = cls(**data)
+        if times is not None:
+            run.connect_times = ConnectTimes(**{k: Timing(**v) for k, v in times.items()})
+        for cell in cells:
+            cell["cpu"] = CpuUse(**cell["cpu"])
+            if not cell["requests"]:  # no answer at all: no latency was measured
+                cell["p50_ms"] = cell["p99_ms"] = None
+            nan = {k: math.nan for k in ("p50_ms", "p99_ms") if cell[k] is None}
+            run.cells.append(Cell(**{**cell, **nan}))
+        return run
+
+
+def _finite(value):
+    """JSON has no NaN: a latency that was never measured is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

@@ -1,0 +1,168 @@
+"""The bench reads wrk's and pgbench's reports right and judges the goals from them.
+
+Fast and self-contained: `python -m pytest bench` (no server, no wrk needed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import pgbench, report, wrk
+from bench.backends import Peak
+from bench.cpu import CpuUse
+from bench.results import Cell, Run
+
+CLEAN = """\
+Running 15s test @ http://127.0.0.1:8000/users/
+  2 threads and 500 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   350.12ms   40.00ms   1.20s    90.00%
+    Req/Sec   720.50    100.00     1.00k    70.00%
+  Latency Distribution
+     50%  340.00ms
+     75%  360.00ms
+     90%  400.00ms
+     99%    1.02s
+  21600 requests in 15.01s, 4.50MB read
+Requests/sec:   1439.04
+Transfer/sec:    307.00KB
+"""
+
+TROUBLED = """\
+Running 15s test @ http://127.0.0.1:8000/users/
+  2 threads and 10000 connections
+  Latency Distribution
+     50%  850.00us
+     75%    1.20ms
+     90%    2.00ms
+     99%    1.05m
+  3000 requests in 1.00m, 1.00MB read
+  Socket errors: connect 12, read 3, write 0, timeout 45
+  Non-2xx or 3xx responses: 600
+Requests/sec:     50.00
+Transfer/sec:     17.00KB
+"""
+
+PGBENCH = """\
+transaction type: /tmp/select.sql
+scaling factor: 1
+query mode: simple
+number of clients: 20
+number of threads: 2
+maximum number of tries: 1
+duration: 15 s
+number of transactions actually processed: 255000
+number of failed transactions: 0 (0.000%)
+latency average = 1.176 ms
+initial connection time = 25.000 ms
+tps = 17000.123456 (without initial connection time)
+"""
+
+
+def test_wrk_report_without_errors_has_zero_errors():
+    result = wrk.parse(CLEAN)
+    assert result.requests == 21600
+    assert result.duration_s == pytest.approx(15.01)
+    assert result.rps == pytest.approx(1439.04)
+    assert result.p50_ms == pytest.approx(340.0)
+    assert result.p99_ms == pytest.approx(1020.0)
+    assert (result.socket_errors, result.non_2xx) == (0, 0)
+    assert result.ok_rps == pytest.approx(1439.04)
+
+
+def test_wrk_units_errors_and_non_2xx_are_read():
+    result = wrk.parse(TROUBLED)
+    assert result.p50_ms == pytest.approx(0.85)
+    assert result.p99_ms == pytest.approx(63_000)
+    assert result.duration_s == pytest.approx(60)
+    assert (result.connect_errors, result.read_errors, result.timeouts) == (12, 3, 45)
+    assert result.socket_errors == 60
+    assert result.non_2xx == 600
+    assert result.ok_rps == pytest.approx(50 * 2400 / 3000)
+
+
+def test_anything_but_a_wrk_report_is_refused():
+    with pytest.raises(wrk.WrkError):
+        wrk.parse("unable to connect to 127.0.0.1:8000 Connection refused")
+
+
+def test_pgbench_report_and_logged_latencies_are_read():
+    result = pgbench.parse(PGBENCH, clients=20, latencies_ms=[float(i) for i in range(1, 101)])
+    assert (result.transactions, result.failed, result.clients) == (255000, 0, 20)
+    assert result.tps == pytest.approx(17000.123456)
+    assert result.p50_ms == pytest.approx(50.5)
+    assert result.p99_ms == pytest.approx(99.01)
+
+
+def _cell(variant: str, level: int, ok_rps: float, **changes) -> Cell:
+    fields = dict(
+        variant=variant,
+        concurrency=level,
+        rps=ok_rps,
+        ok_rps=ok_rps,
+        p50_ms=1.0,
+        p99_ms=2.0,
+        connect_errors=0,
+        read_errors=0,
+        write_errors=0,
+        timeouts=0,
+        non_2xx=0,
+        peak_connections=20,
+        rss_mb=100.0,
+        anon_mb=10.0,
+        requests=1000,
+        cpu=CpuUse(1.0, 0.5, 0.2, 0.1, 0.0),
+        listen_overflows=0,
+    )
+    return Cell(**{**fields, **changes})
+
+
+def _run(*cells: Cell) -> Run:
+    return Run(command="", date="", machine={}, settings={}, variants={}, cells=list(cells))
+
+
+def test_a_ratio_goal_must_hold_at_every_level():
+    run = _run(
+        _cell("pooled", 50, 1000),
+        _cell("peer", 50, 500),
+        _cell("pooled", 500, 1000),
+        _cell("peer", 500, 800),
+    )
+    peer_goal = next(g for g in report.goals(run) if "peer" in g.name)
+    assert peer_goal.met is False
+    assert "2.00x at 50" in peer_goal.detail and "1.25x at 500" in peer_goal.detail
+
+
+def test_c10k_p99_is_judged_against_littles_law():
+    fair = _cell("pooled", 10_000, 2000, p99_ms=12_000)  # mean wait 5 s, bound 12.5 s
+    unfair = _cell("pooled", 10_000, 2000, p99_ms=13_000)
+    assert report.little_wait_ms(fair) == pytest.approx(5000)
+    assert report.goals(_run(fair))[-1].met is True
+    assert report.goals(_run(unfair))[-1].met is False
+
+
+def test_a_variant_that_served_nothing_gives_an_infinite_ratio():
+    run = _run(_cell("pooled", 50, 1000), _cell("per-request", 50, 0, non_2xx=1000))
+    goal = next(g for g in report.goals(run) if "per-request" in g.name)
+    assert goal.met is True and "served none" in goal.detail
+    assert math.isinf(report._ratio(1000, 0))
+
+
+def test_cells_with_any_error_do_not_count_as_served():
+    assert _cell("pooled", 50, 1000).clean
+    assert not _cell("pooled", 50, 1000, timeouts=1).clean
+    assert not _cell("pooled", 50, 1000, non_2xx=1).clean
+    troubled = Cell.from_wrk("x", 50, wrk.parse(TROUBLED), Peak(), CpuUse(1, 0, 0, 0, 0), 0)
+    assert troubled.non_2xx == 600 and not troubled.clean
+
+
+def test_a_saved_run_renders_the_same_after_loading(tmp_path):
+    run = _run(
+        _cell("pooled", 50, 1000),
+        _cell("per-request", 50, 0, requests=0, p50_ms=math.nan, p99_ms=math.nan),
+    )
+    run.save(tmp_path / "results.json")
+    again = Run.load(tmp_path / "results.json")
+    assert report.markdown(again, "results.png") == report.markdown(run, "results.png")

@@ -1,0 +1,1 @@
+"""The servers the service is measured against: small, honest, and configured like it."""
