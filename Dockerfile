@@ -13,13 +13,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PORT=8000
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY config/ config/
 COPY service/ service/
 COPY gunicorn.conf.py ./
-USER app
+# Numeric, so that the runtime can tell it is not root without the image's /etc/passwd.
+USER 10001:10001
 EXPOSE 8000
 # Python's own urllib: no curl in the image. /healthz never touches the database.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

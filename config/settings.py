@@ -86,6 +86,15 @@ VARIABLES = (
         "connections each worker opens at start, best effort (default: min(2, DB_POOL_MAX))",
     ),
     Variable(
+        "APP_INSTANCES",
+        int,
+        1,
+        1,
+        10_000,
+        "instances of the service sharing the database server: at start, WEB_CONCURRENCY x "
+        "DB_POOL_MAX x APP_INSTANCES must fit in the server's max_connections",
+    ),
+    Variable(
         "DB_POOL_TIMEOUT",
         float,
         5.0,
@@ -138,6 +147,7 @@ class Settings:
     db_max_connections: int
     db_pool_max: int
     db_pool_min: int
+    app_instances: int
     db_pool_timeout: float
     db_statement_timeout_ms: int
     db_pool_max_waiting: int

@@ -12,6 +12,7 @@ def test_defaults_size_the_pool_to_the_worker_concurrency():
     assert s.db_pool_min == 2
     assert (s.db_pool_timeout, s.db_statement_timeout_ms, s.db_connect_timeout) == (5.0, 5000, 5)
     assert s.db_pool_max_lifetime == 3600.0
+    assert s.app_instances == 1  # the connection budget counts this instance alone
     assert s.database_url == ""  # libpq then reads PGHOST, PGUSER, ...
 
 
@@ -49,6 +50,7 @@ def test_web_concurrency_defaults_to_the_cpus_this_process_may_use(monkeypatch):
         ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
         ({"DB_POOL_MAX_WAITING": "-1"}, "DB_POOL_MAX_WAITING"),
         ({"DB_POOL_LEAK_WARN_S": "0"}, "DB_POOL_LEAK_WARN_S"),
+        ({"APP_INSTANCES": "0"}, "APP_INSTANCES"),
         ({"DB_POOL_MIN": "6", "DB_POOL_MAX": "5"}, "DB_POOL_MIN"),
         ({"WEB_CONCURRENCY": "4", "DB_POOL_MAX": "10", "DB_MAX_CONNECTIONS": "20"}, "DB_POOL_MAX"),
         ({"DATABASE_URL": "postgresql://u:hunter2@h/db?bogus=1"}, "DATABASE_URL"),
