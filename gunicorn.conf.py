@@ -6,6 +6,7 @@ of ours, makes sockets, locks (psycopg2's pool lock among them) and sleeps coope
 the app or any of its libraries is imported, in the master and in every worker.
 """
 
+import gevent
 from gevent import monkey
 
 monkey.patch_all()
@@ -16,8 +17,14 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
 
+import atexit  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from gunicorn.glogging import Logger  # noqa: E402
 
 from config import ConfigError, load_settings  # noqa: E402
 
@@ -25,6 +32,21 @@ try:
     settings = load_settings(os.environ)
 except ConfigError as exc:
     sys.exit(f"configuration error: {exc}")
+
+
+def _remove_metrics_dir(path: str, master_pid: int) -> None:
+    if os.getpid() == master_pid:  # a worker runs the master's atexit handlers too, at its exit
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# /metrics adds up every worker's values: prometheus_client's multiprocess mode keeps each
+# worker's in files under PROMETHEUS_MULTIPROC_DIR. prometheus_client reads the variable when it
+# is first imported, so it is set here, before the master imports the service (and every worker
+# inherits it). Unless the environment names a directory, it is a fresh one, removed at exit.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="service-metrics-")
+    atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
+_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 wsgi_app = "service:create_app()"
 worker_class = "gevent"
@@ -34,35 +56,76 @@ worker_connections = settings.worker_connections
 # Nothing may be opened before fork: each worker opens its own pool in post_worker_init.
 preload_app = False
 graceful_timeout = 30
+# The queue of connections the kernel has accepted and a worker has not yet: a burst of
+# thousands of connects overflows gunicorn's default (2048) and the overflow sees resets. The
+# kernel caps it at net.core.somaxconn (4096 by default): raise that too for larger bursts.
+backlog = 16384
+# How long a connection may wait for its next request, the first one included. Under a load
+# of thousands of connections a worker can take seconds to come back to one of them; gunicorn's
+# default (2 s) then closes connections mid-conversation. Idle keep-alive connections also hold
+# a shutdown for up to this long, so it stays well under graceful_timeout. Any of these can be
+# overridden at run time, e.g. GUNICORN_CMD_ARGS="--keep-alive 75" behind a load balancer
+# whose idle timeout is 60 s.
+keepalive = 15
 # gunicorn's control socket sits at one path per user: two instances on one host would fight
 # over it, and a read-only container home cannot hold it.
 control_socket_disable = True
-accesslog = "-"
-# Everything to stdout, one stream: gunicorn's own log, the access log and the app's log.
+# Everything to stdout as JSON lines, one stream: gunicorn's own log and the app's, with the
+# app's access lines (service/logs.py).
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["console"]},
-    "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
-        "gunicorn.access": {"level": "INFO", "handlers": [], "propagate": True},
+    "loggers": {"gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "stream": "ext://sys.stdout",
+        }
     },
+    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
 }
 
 
-def on_starting(server):
-    """In the master, before any worker: wait for the database and bring the schema up to date.
+class AppWritesTheAccessLog(Logger):
+    """gunicorn's logger without its access line: the app writes one per request, with the route
+    and the pool wait that gunicorn cannot know, and a request id."""
 
-    The connection used here is closed before the first fork.
+    def access(self, resp, req, environ, request_time):
+        pass
+
+
+logger_class = AppWritesTheAccessLog
+
+
+def on_starting(server):
+    """In the master, before any worker: wait for the database, refuse to start when the
+    connection budget exceeds the server's max_connections (before the schema is touched),
+    then bring the schema up to date.
+
+    Each step uses a connection of its own, closed before the next step and the first fork.
     """
     import psycopg2
 
-    from service import schema
+    from service import budget, schema
 
     server.log.info("database: %s", settings.safe_database_url)
+    wanted = budget.Budget.of(settings)
+    limits = budget.read_limits(settings.database_url, settings.db_connect_timeout)
+    budget.check(wanted, limits)  # BudgetExceeded: a RuntimeError, so one line and exit 1
+    server.log.info("connection budget: %s, of %s allowed (%s)", wanted, limits.allowed, limits)
     try:
         applied = schema.migrate(settings.database_url, settings.db_connect_timeout)
     except psycopg2.Error as exc:  # gunicorn prints a RuntimeError as one line and exits 1
         raise RuntimeError(f"schema migration failed: {exc}") from None
     server.log.info("schema: %s", ", ".join(applied) if applied else "up to date")
+
+
+def when_ready(server):
+    """In the master, once, before the first fork: start the metrics from zero, dropping files an
+    earlier run left in a given PROMETHEUS_MULTIPROC_DIR."""
+    for stale in _metrics_dir.glob("*.db"):
+        stale.unlink()
+    server.log.info("metrics: %s", _metrics_dir)
 
 
 def post_worker_init(worker):
@@ -73,9 +136,27 @@ def post_worker_init(worker):
     worker.log.info("pool open: %s", pool.stats())
 
 
+def post_request(worker, req, environ, resp):
+    """Let other greenlets run between two requests on one keep-alive connection.
+
+    gunicorn's gevent worker reads the next request of a connection at once when it is already
+    buffered, and a request that never waits (no database, like /healthz) never yields: a few
+    busy connections could starve the rest. One switch per request keeps the service fair.
+    """
+    gevent.sleep(0)
+
+
 def worker_exit(server, worker):
     """In each worker, once its requests are done (or graceful_timeout passed): close the pool."""
     from service import db
 
     if getattr(worker, "wsgi", None) is not None:
         db.close_pool(worker.wsgi)
+
+
+def child_exit(server, worker):
+    """In the master, once a worker has gone: drop its pool gauges from /metrics (its counts stay
+    in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, str(_metrics_dir))

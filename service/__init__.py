@@ -11,7 +11,7 @@ import os
 from flask import Flask
 
 from config import Settings, load_settings
-from service import errors, health, openapi, users
+from service import errors, health, logs, metrics, openapi, users
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -21,6 +21,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
+    logs.register(app)
+    metrics.register(app)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 
 from flask import Flask, current_app, has_request_context, request
 
+from service import logs, metrics
 from service.pool import Cursor, Pool
 
 EXTENSION = "service.pool"
@@ -29,10 +30,24 @@ def open_pool(app: Flask) -> Pool:
         max_lifetime=settings.db_pool_max_lifetime,
         max_waiting=settings.db_pool_max_waiting,
         leak_warn_s=settings.db_pool_leak_warn_s,
+        events=_PoolEvents(),
     )
     app.extensions[EXTENSION] = pool
     pool.warm()
     return pool
+
+
+class _PoolEvents(metrics.PoolMetrics):
+    """The pool's events as metrics; each wait for a connection, lent or timed out, also counts
+    towards the current request's `pool_wait_ms` in its access log line."""
+
+    def checked_out(self, wait_s: float) -> None:
+        super().checked_out(wait_s)
+        logs.add_pool_wait(wait_s)
+
+    def timed_out(self, wait_s: float) -> None:
+        super().timed_out(wait_s)
+        logs.add_pool_wait(wait_s)
 
 
 def close_pool(app: Flask) -> None:
@@ -48,14 +63,20 @@ def current_pool() -> Pool:
         raise RuntimeError("no pool is open for this app: call service.db.open_pool(app)") from None
 
 
-def get_db(timeout: float | None = None) -> AbstractContextManager[Cursor]:
+def get_db(
+    timeout: float | None = None, *, autocommit: bool = False
+) -> AbstractContextManager[Cursor]:
     """A cursor inside one transaction: commit on a clean exit, roll back on an exception.
 
     Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), then raises
     `PoolTimeout`; see `Pool.connection` for what else it raises. A connection held longer
     than DB_POOL_LEAK_WARN_S is logged with the route that holds it.
+
+    `autocommit=True` makes every statement its own transaction, one round trip each: use it
+    for a block that runs a single statement (it needs no COMMIT), never for several
+    statements that must stand or fall together.
     """
-    return current_pool().connection(timeout, _route())
+    return current_pool().connection(timeout, _route(), autocommit)
 
 
 def _route() -> str:

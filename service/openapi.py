@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from service.pagination import DEFAULT_LIMIT, MAX_LIMIT
-from service.users import EMAIL_MAX, NAME_MAX
+from service.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_LIMIT
+from service.users import EMAIL_MAX, NAME_MAX, NAME_PATTERN
 
 bp = Blueprint("openapi", __name__)
 
@@ -36,6 +36,13 @@ def _json(ref: str, description: str) -> dict:
     }
 
 
+_NAME = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": NAME_MAX,
+    "description": "not blank, no control characters; stored without surrounding white space",
+    "pattern": NAME_PATTERN,
+}
 _BUSY = _error("the database is busy, slow or unreachable: retry later", retry_after=True)
 _USER_ID = {
     "name": "user_id",
@@ -72,6 +79,17 @@ DOCUMENT = {
                 "responses": {"200": _json("Ready", "ready"), "503": _BUSY},
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of every worker, added up: pool and HTTP requests",
+                "responses": {
+                    "200": {
+                        "description": "the metrics in Prometheus's text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -101,7 +119,7 @@ DOCUMENT = {
                         "name": "cursor",
                         "in": "query",
                         "description": "next_cursor of the previous page (opaque)",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": CURSOR_PATTERN},
                     },
                 ],
                 "responses": {
@@ -209,7 +227,7 @@ DOCUMENT = {
                 "additionalProperties": False,
                 "properties": {
                     "id": {"type": "integer", "format": "int64", "minimum": 1},
-                    "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX},
+                    "name": _NAME,
                     "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
                     "created_at": {"type": "string", "format": "date-time"},
                 },
@@ -219,7 +237,7 @@ DOCUMENT = {
                 "required": ["name", "email"],
                 "additionalProperties": False,
                 "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX},
+                    "name": _NAME,
                     "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
                 },
             },
@@ -228,7 +246,7 @@ DOCUMENT = {
                 "minProperties": 1,
                 "additionalProperties": False,
                 "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX},
+                    "name": _NAME,
                     "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
                 },
             },
@@ -237,7 +255,7 @@ DOCUMENT = {
                 "required": ["users", "next_cursor"],
                 "properties": {
                     "users": {"type": "array", "items": {"$ref": "#/components/schemas/User"}},
-                    "next_cursor": {"type": "string", "nullable": True},
+                    "next_cursor": {"type": "string", "nullable": True, "pattern": CURSOR_PATTERN},
                 },
             },
         }

@@ -17,12 +17,14 @@ blocking calls, which is what keeps the slot bookkeeping below free of locks.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import gevent
 import psycopg2
@@ -67,6 +69,26 @@ class DatabaseUnavailable(Exception):
 
 class StatementTimeout(Exception):
     """A statement ran longer than the statement timeout and was cancelled by the server."""
+
+
+class PoolEvents(Protocol):
+    """What a pool reports as it works, for metrics. Called inline, in the greenlet doing the
+    work: every method must be quick and must not raise."""
+
+    def checked_out(self, wait_s: float) -> None:
+        """A connection was lent after `wait_s` seconds (slot wait plus any connect or ping)."""
+
+    def timed_out(self, wait_s: float) -> None:
+        """A request got `PoolTimeout` after waiting `wait_s` seconds (0 when turned away)."""
+
+    def discarded(self) -> None:
+        """A broken, dead or expired connection was closed."""
+
+    def connect_failed(self) -> None:
+        """Opening a new connection failed."""
+
+    def changed(self, stats: dict[str, int]) -> None:
+        """`Pool.stats()` may have changed (a lend, a return, a waiter joining, the close)."""
 
 
 class PooledConnection(psycopg2.extensions.connection):
@@ -122,6 +144,7 @@ class Cursor(RealDictCursor):
         finally:
             # Sent only once the server has seen it: a query that failed to format (bad
             # parameters) sent nothing, and the next one must still begin the transaction.
+            # An autocommit preamble ends its own transaction: it stays, for every statement.
             if self.connection.info.transaction_status != _IDLE:
                 self.preamble = ""
 
@@ -131,6 +154,7 @@ class Pool:
 
     `connection()` is the only way in. `timeout` bounds the wait for a free connection,
     `connect_timeout` the opening of a new one, `statement_timeout_ms` every statement.
+    `events`, when given, hears what the pool does (`PoolEvents`); without it nothing is reported.
     """
 
     def __init__(
@@ -147,6 +171,7 @@ class Pool:
         leak_warn_s: float = 30.0,
         ping_after_idle_s: float = PING_AFTER_IDLE_S,
         application_name: str = "service",
+        events: PoolEvents | None = None,
     ):
         self.max_size = max_size
         self._min_size = min_size
@@ -155,10 +180,13 @@ class Pool:
         self._max_waiting = max_waiting
         self._leak_warn_s = leak_warn_s
         self._ping_after_idle_s = ping_after_idle_s
-        self._ping_timeout = float(connect_timeout)
+        self._connect_timeout = float(connect_timeout)
         # SET LOCAL, not a session setting or a startup option: it ends with the transaction,
         # so it also holds behind PgBouncer in transaction mode.
         self._preamble = f"BEGIN; SET LOCAL statement_timeout = {int(statement_timeout_ms)}; "
+        # Several statements in one query string run as one implicit transaction, which
+        # SET LOCAL applies to and which commits when the string ends.
+        self._statement_preamble = f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; "
         self._deadline_s = statement_timeout_ms / 1000 + DEADLINE_GRACE_S
         self._connections = ThreadedConnectionPool(
             0,  # open nothing here: warm() does, best effort, once the worker runs
@@ -184,10 +212,18 @@ class Pool:
         self._closed = False
         self._connect_failures = 0
         self._next_connect_at = 0.0
+        self._events = events
+        self._changed()
 
     @contextmanager
-    def connection(self, timeout: float | None = None, label: str = "") -> Iterator[Cursor]:
+    def connection(
+        self, timeout: float | None = None, label: str = "", autocommit: bool = False
+    ) -> Iterator[Cursor]:
         """Lend a cursor inside one transaction; commit on a clean exit, roll back otherwise.
+
+        With `autocommit`, each statement is a transaction of its own instead, sent together
+        with its statement timeout in one round trip: for a block of a single statement that
+        is the same guarantee for half the round trips (no separate COMMIT).
 
         Waits up to `timeout` (default: the pool's) for a free connection, then raises
         `PoolTimeout`; raises it at once when `max_waiting` greenlets already wait. Raises
@@ -198,11 +234,12 @@ class Pool:
         """
         conn = self._checkout(self._timeout if timeout is None else timeout)
         watchdog = gevent.get_hub().loop.timer(self._leak_warn_s)
-        watchdog.start(_warn_leak, label, self._leak_warn_s)
+        # Run in the holder's context, so that the warning's log line carries its request id.
+        watchdog.start(contextvars.copy_context().run, _warn_leak, label, self._leak_warn_s)
         try:
             with _translated_errors():
                 cursor = conn.cursor()
-                cursor.preamble = self._preamble
+                cursor.preamble = self._statement_preamble if autocommit else self._preamble
                 cursor.deadline_s = self._deadline_s
                 yield cursor
                 if not cursor.preamble:  # a transaction was begun
@@ -245,8 +282,23 @@ class Pool:
         if not self._connections.closed:
             self._connections.closeall()
         self._open = 0
+        self._changed()
 
     def _checkout(self, timeout: float) -> PooledConnection:
+        started = time.monotonic()
+        try:
+            conn = self._lend(timeout)
+        except PoolTimeout:
+            if self._events is not None:
+                self._events.timed_out(time.monotonic() - started)
+            raise
+        finally:
+            self._changed()
+        if self._events is not None:
+            self._events.checked_out(time.monotonic() - started)
+        return conn
+
+    def _lend(self, timeout: float) -> PooledConnection:
         self._acquire_slot(timeout)
         try:
             if self._closed:
@@ -262,13 +314,27 @@ class Pool:
         """A live connection within its lifetime: an idle one that passes the checks below, or
         a new one. Dead, expired and closed idle connections are dropped on the way."""
         while True:
-            if not self._connections._pool:  # getconn() will connect: respect the backoff
+            connecting = not self._connections._pool
+            if connecting:  # getconn() will open a connection: respect the backoff
                 self._check_backoff()
+            # libpq ignores connect_timeout in the non-blocking connect that psycogreen drives,
+            # so the deadline is ours.
+            deadline = gevent.Timeout(self._connect_timeout if connecting else None)
+            deadline.start()
             try:
                 conn = self._connections.getconn()
             except psycopg2.OperationalError as exc:
                 self._connect_failed()
                 raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
+            except gevent.Timeout as exc:
+                if exc is not deadline:
+                    raise
+                self._connect_failed()
+                raise DatabaseUnavailable(
+                    f"no connection within the connect timeout ({self._connect_timeout:g} s)"
+                ) from None
+            finally:
+                deadline.close()
             now = time.monotonic()
             if conn.expires_at is None:
                 self._open += 1
@@ -296,7 +362,7 @@ class Pool:
         if idle_s < self._ping_after_idle_s:
             return True
         try:
-            with gevent.Timeout(self._ping_timeout), conn.cursor() as cursor:
+            with gevent.Timeout(self._connect_timeout), conn.cursor() as cursor:
                 cursor.execute("SELECT 1")
         except (psycopg2.Error, gevent.Timeout):
             return False
@@ -308,6 +374,8 @@ class Pool:
             raise DatabaseUnavailable(f"the database is unreachable; next connect in {wait:.2f} s")
 
     def _connect_failed(self) -> None:
+        if self._events is not None:
+            self._events.connect_failed()
         self._connect_failures += 1
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(self._connect_failures - 1, 10))
         self._next_connect_at = time.monotonic() + delay * random.uniform(0.5, 1.0)
@@ -324,10 +392,13 @@ class Pool:
         finally:
             self._in_use -= 1
             self._release_slot()
+            self._changed()
 
     def _discard(self, conn: PooledConnection) -> None:
         self._connections.putconn(conn, close=True)
         self._open -= 1
+        if self._events is not None:
+            self._events.discarded()
 
     def _acquire_slot(self, timeout: float) -> None:
         # Critical section without a lock: no greenlet switch can happen between the test and
@@ -339,6 +410,7 @@ class Pool:
             raise PoolTimeout(f"{len(self._waiters)} requests already wait for a connection")
         waiter = Event()
         self._waiters.append(waiter)
+        self._changed()
         try:
             waiter.wait(timeout)
         except BaseException:  # killed while waiting: give back a slot handed over meanwhile
@@ -357,6 +429,10 @@ class Pool:
             self._waiters.popleft().set()
         else:
             self._free += 1
+
+    def _changed(self) -> None:
+        if self._events is not None:
+            self._events.changed(self.stats())
 
 
 def _warn_leak(label: str, held_s: float) -> None:

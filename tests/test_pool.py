@@ -71,6 +71,27 @@ def test_every_statement_has_the_statement_timeout(make_pool):
     assert pool.stats()["in_use"] == 0
 
 
+def test_in_autocommit_every_statement_has_the_timeout_and_commits_alone(make_pool, admin):
+    pool = make_pool(statement_timeout_ms=100)
+    with pytest.raises(ZeroDivisionError), pool.connection(autocommit=True) as db:
+        db.execute("SELECT current_setting('statement_timeout') AS t")
+        assert db.fetchone()["t"] == "100ms"
+        db.execute("INSERT INTO users (name, email) VALUES ('a', 'a@x.io') RETURNING name")
+        assert db.fetchone() == {"name": "a"}
+        db.execute("SELECT current_setting('statement_timeout') AS t, now() AS at")
+        first = db.fetchone()
+        db.execute("SELECT now() AS at")
+        assert first["t"] == "100ms" and db.fetchone()["at"] > first["at"]  # two transactions
+        raise ZeroDivisionError
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 1  # committed on its own: nothing to roll back
+    started = time.monotonic()
+    with pytest.raises(StatementTimeout), pool.connection(autocommit=True) as db:
+        db.execute("SELECT pg_sleep(5)")
+    assert time.monotonic() - started < 2
+    assert pool.stats()["in_use"] == 0
+
+
 def test_a_query_that_fails_to_format_still_runs_in_the_transaction(make_pool):
     pool = make_pool(statement_timeout_ms=100)
     with pool.connection() as db:

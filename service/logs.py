@@ -1,0 +1,151 @@
+"""Logs as JSON lines, and the request id that ties one request's lines together.
+
+Every line is one JSON object: `time` (ISO 8601, UTC), `level`, `logger`, `message`,
+`request_id` (null outside a request) and `pid`, plus `exception` when there is one. gunicorn
+routes its own log, the app's and this module's access log through `JsonFormatter` to stdout
+(`gunicorn.conf.py`).
+
+One access line per request, written by the app once the response is built, so that it knows
+what gunicorn cannot: the route that matched and how long the request waited for a database
+connection (`pool_wait_ms`, summed over its checkouts). The request id comes from the
+`X-Request-ID` header when it is safe to echo (1-128 of `A-Z a-z 0-9 . _ -`), else it is a new
+uuid4; it is sent back on every response, errors included.
+
+Passwords in connection URLs and `password=...` pairs are masked in every message and traceback,
+a last guard behind the code that never logs a DSN with its password.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+from flask import Flask, Response, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_SECRETS = re.compile(
+    r"(?P<url>[a-z][a-z0-9+.-]*://[^\s/:@]*:)[^\s/]*@"
+    r"|(?P<pair>password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&]+)",
+    re.IGNORECASE,
+)
+
+access_log = logging.getLogger("service.access")
+# json.dumps builds a new encoder whenever it is given an option; this one is built once.
+_encode = json.JSONEncoder(default=str).encode
+
+
+class RequestLog:
+    """What the access line will say about the request being served."""
+
+    __slots__ = ("id", "pool_wait_s", "started", "status")
+
+    def __init__(self, request_id: str, started: float):
+        self.id = request_id
+        self.started = started
+        self.pool_wait_s = 0.0
+        self.status = 500  # until a response is made
+
+
+_current: ContextVar[RequestLog | None] = ContextVar("service_request", default=None)
+
+
+def current_request() -> RequestLog | None:
+    """The request this greenlet serves, or None outside a request."""
+    return _current.get()
+
+
+def add_pool_wait(wait_s: float) -> None:
+    """Count a wait for a database connection against the current request, if any."""
+    current = _current.get()
+    if current is not None:
+        current.pool_wait_s += wait_s
+
+
+def register(app: Flask) -> None:
+    """Give every request an id, echo it, and write its access line after the response."""
+    app.before_request(_begin)
+    app.after_request(_respond)
+    app.teardown_request(_log_access)
+
+
+def _begin() -> None:
+    sent = request.headers.get(REQUEST_ID_HEADER)
+    request_id = sent if sent and _SAFE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    _current.set(RequestLog(request_id, time.perf_counter()))
+
+
+def _respond(response: Response) -> Response:
+    current = _current.get()
+    if current is not None:
+        response.headers[REQUEST_ID_HEADER] = current.id
+        current.status = response.status_code
+    return response
+
+
+def _log_access(exc: BaseException | None) -> None:
+    current = _current.get()
+    if current is None:
+        return
+    try:
+        if access_log.isEnabledFor(logging.INFO):
+            duration_s = time.perf_counter() - current.started
+            served = request._get_current_object()  # one context lookup, not one per field
+            rule = served.url_rule
+            fields = {
+                "method": served.method,
+                "route": rule.rule if rule is not None else None,
+                "path": served.path,
+                "status": current.status,
+                "duration_ms": round(duration_s * 1000, 3),
+                "pool_wait_ms": round(current.pool_wait_s * 1000, 3),
+                "remote_addr": served.remote_addr,
+            }
+            access_log.info(
+                "%s %s %s", served.method, served.path, current.status, extra={"access": fields}
+            )
+    finally:
+        _current.set(None)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; access records add their fields (see the module doc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        current = _current.get()
+        line = {
+            "time": _utc_iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+            "request_id": current.id if current is not None else None,
+            "pid": record.process,
+        }
+        access = getattr(record, "access", None)
+        if access is not None:
+            line.update(access)
+        if record.exc_info:
+            line["exception"] = redact(self.formatException(record.exc_info))
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return _encode(line)
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any connection URL or `password=` pair replaced by ***."""
+    if "://" not in text and "=" not in text:  # most lines, every access line: nothing to mask
+        return text
+    return _SECRETS.sub(_mask, text)
+
+
+def _mask(match: re.Match) -> str:
+    return f"{match['url']}***@" if match["url"] else f"{match['pair']}***"
+
+
+def _utc_iso(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"

@@ -1,0 +1,142 @@
+"""Prometheus metrics, served at `GET /metrics`: the pool's state and events, and every
+request's route, status and latency.
+
+gunicorn runs several worker processes. Each writes its values to files of its own under
+`PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode, which `gunicorn.conf.py` sets
+up before anything imports prometheus_client), and `/metrics`, whichever worker serves it, adds
+up the files of all of them. Without that variable (a test's app) it serves this process's
+values alone.
+
+Requests are labelled by the route that matched (`/users/<user_id>`, never the raw path, so ids
+cannot multiply the series), `unmatched` for a 404 or 405 from routing, and by method, any
+method outside HTTP's usual few counted as `other`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, Flask, Response, request
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service import logs
+
+# prometheus_client chose its mode from this variable when it was imported; so do we.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+bp = Blueprint("metrics", __name__)
+
+# Each worker sets its own pool's values; `livesum` adds up the workers alive now (a worker's
+# values go when it exits: gunicorn.conf.py's child_exit), so `db_pool_max` is the instance's
+# whole connection budget and `db_pool_in_use` the connections it holds right now. A gauge per
+# worker (`liveall`) would only matter for finding one unbalanced worker, at a series per pid.
+POOL_GAUGES = {
+    key: Gauge(f"db_pool_{key}", help_text, multiprocess_mode="livesum")
+    for key, help_text in (
+        ("max", "Connections the pools may open (DB_POOL_MAX per worker)"),
+        ("size", "Connections the pools hold open"),
+        ("in_use", "Connections lent to requests"),
+        ("idle", "Open connections waiting to be lent"),
+        ("waiting", "Requests waiting for a connection"),
+    )
+}
+CHECKOUTS = Counter("db_pool_checkouts", "Connections lent to requests")
+TIMEOUTS = Counter("db_pool_timeouts", "Requests that got no connection in time (503)")
+DISCARDED = Counter("db_pool_discarded", "Broken, dead or expired connections closed")
+CONNECT_ERRORS = Counter("db_pool_connect_errors", "Failed attempts to open a connection")
+POOL_WAIT = Histogram(
+    "db_pool_wait_seconds",
+    "Time from asking for a connection to holding one",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
+LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Time from the request's start to its response being ready",
+    ["method", "route"],
+)
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+
+
+class PoolMetrics:
+    """The pool's events (`service.pool.PoolEvents`) as the metrics above.
+
+    A gauge is written only when its value changed: a lend or return moves two of the five.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def checked_out(self, wait_s: float) -> None:
+        CHECKOUTS.inc()
+        POOL_WAIT.observe(wait_s)
+
+    def timed_out(self, wait_s: float) -> None:
+        TIMEOUTS.inc()
+
+    def discarded(self) -> None:
+        DISCARDED.inc()
+
+    def connect_failed(self) -> None:
+        CONNECT_ERRORS.inc()
+
+    def changed(self, stats: dict[str, int]) -> None:
+        for key, value in stats.items():
+            if self._last.get(key) != value:
+                self._last[key] = value
+                POOL_GAUGES[key].set(value)
+
+
+def register(app: Flask) -> None:
+    """Serve `/metrics` and count every request the app answers."""
+    app.register_blueprint(bp)
+    app.after_request(_observe)
+
+
+# The labelled children, looked up once: prometheus_client's labels() checks its arguments and
+# takes a lock on every call.
+_requests: dict[tuple[str, str, int], Counter] = {}
+_latency: dict[tuple[str, str], Histogram] = {}
+
+
+def _observe(response: Response) -> Response:
+    current = logs.current_request()
+    if current is None:
+        return response
+    duration_s = time.perf_counter() - current.started
+    served = request._get_current_object()  # one context lookup, not one per attribute
+    method = served.method if served.method in METHODS else "other"
+    rule = served.url_rule
+    route = rule.rule if rule is not None else UNMATCHED
+    status = response.status_code
+    counter = _requests.get((method, route, status))
+    if counter is None:
+        counter = _requests[method, route, status] = REQUESTS.labels(method, route, str(status))
+    histogram = _latency.get((method, route))
+    if histogram is None:
+        histogram = _latency[method, route] = LATENCY.labels(method, route)
+    counter.inc()
+    histogram.observe(duration_s)
+    return response
+
+
+@bp.get("/metrics")
+def metrics():
+    """Every worker's metrics, added up, in Prometheus's text format."""
+    registry = REGISTRY
+    if MULTIPROCESS_DIR:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,292 @@
+"""`GET /metrics`: the pool's gauges, counters and wait histogram, and requests by route and
+status, added up across gunicorn's workers.
+
+The first tests read one process's metrics through the test client (prometheus_client's
+registry is global, so they compare before and after); the last ones run the production
+command with two workers, where only the multiprocess files can add the workers up.
+"""
+
+import http.client
+import json
+import os
+import signal
+from pathlib import Path
+
+import gevent
+import pytest
+from gunicorn_proc import HOST, Gunicorn, free_port, wait_until
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import create_app, db, metrics
+from service.pool import DatabaseUnavailable, PoolTimeout
+
+USER_ROUTE = "/users/<user_id>"
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def scrape(client) -> dict:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=")
+    return parse(response.get_data(as_text=True))
+
+
+def seed_user(cur) -> int:
+    cur.execute("INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id")
+    return cur.fetchone()[0]
+
+
+def test_requests_are_counted_by_route_and_status_never_by_raw_path(client, admin):
+    user = seed_user(admin)
+    before = scrape(client)
+    answers = [
+        client.get(f"/users/{user}").status_code,
+        client.get(f"/users/{user}").status_code,
+        client.get("/users/abc").status_code,
+        client.get("/no/such/route").status_code,
+        client.open("/users", method="BREW").status_code,
+    ]
+    after = scrape(client)
+
+    assert answers == [200, 200, 404, 404, 405]
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    total = "http_requests_total"
+    assert delta(total, method="GET", route=USER_ROUTE, status="200") == 2
+    assert delta(total, method="GET", route=USER_ROUTE, status="404") == 1
+    assert delta(total, method="GET", route="unmatched", status="404") == 1
+    assert delta(total, method="other", route="unmatched", status="405") == 1
+    latency = "http_request_duration_seconds"
+    assert delta(f"{latency}_count", method="GET", route=USER_ROUTE) == 3
+    assert delta(f"{latency}_sum", method="GET", route=USER_ROUTE) > 0
+    labels = {value for _, sample_labels in after for _, value in sample_labels}
+    assert not {f"/users/{user}", "/users/abc", "/no/such/route", "BREW"} & labels
+
+
+def test_each_checkout_is_counted_with_its_wait(client, admin):
+    user = seed_user(admin)
+    before = scrape(client)
+    for _ in range(5):
+        assert client.get(f"/users/{user}").status_code == 200
+    after = scrape(client)
+
+    def delta(name):
+        return value(after, name) - value(before, name)
+
+    assert delta("db_pool_checkouts_total") == 5
+    assert delta("db_pool_wait_seconds_count") == 5
+    assert 0 < delta("db_pool_wait_seconds_sum") < 5 * 0.5
+
+
+def test_the_pool_gauges_follow_lends_returns_waiters_and_close(make_pool):
+    pool = make_pool(max_size=2, events=metrics.PoolMetrics())
+
+    def gauges() -> dict[str, float]:
+        return {key: REGISTRY.get_sample_value(f"db_pool_{key}") for key in metrics.POOL_GAUGES}
+
+    def wait_for_a_connection():
+        with pool.connection(timeout=5):
+            pass
+
+    assert gauges() == {"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
+    with pool.connection(), pool.connection():
+        assert gauges() == {"max": 2, "size": 2, "in_use": 2, "idle": 0, "waiting": 0}
+        waiter = gevent.spawn(wait_for_a_connection)
+        wait_until(lambda: gauges()["waiting"] == 1, 5, "a waiter to be counted")
+        waiter.kill()
+        assert gauges()["waiting"] == 0
+    assert gauges() == {"max": 2, "size": 2, "in_use": 0, "idle": 2, "waiting": 0}
+    pool.close()
+    assert gauges() == {"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
+
+
+def test_a_pool_timeout_is_counted_and_answered_503(make_settings, admin):
+    user = seed_user(admin)
+    app = create_app(make_settings(DB_POOL_MAX=1, DB_POOL_TIMEOUT=0.05))
+    pool = db.open_pool(app)
+    try:
+        client = app.test_client()
+        before = scrape(client)
+        with pool.connection():  # the only connection: the request waits, then gives up
+            response = client.get(f"/users/{user}")
+        after = scrape(client)
+    finally:
+        db.close_pool(app)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "pool_timeout"
+    timeouts = value(after, "db_pool_timeouts_total") - value(before, "db_pool_timeouts_total")
+    assert timeouts == 1
+    answered = {"method": "GET", "route": USER_ROUTE, "status": "503"}
+    total = "http_requests_total"
+    assert value(after, total, **answered) - value(before, total, **answered) == 1
+
+
+def test_discarded_connections_and_connect_errors_are_counted(make_pool, admin, client):
+    pool = make_pool(max_size=1, events=metrics.PoolMetrics())
+    with pool.connection() as cur:
+        cur.execute("SELECT pg_backend_pid() AS pid")
+        backend = cur.fetchone()["pid"]
+    before = scrape(client)
+    admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+    def gone() -> bool:
+        admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,))
+        return admin.fetchone()[0] == 0
+
+    wait_until(gone, 5, "the backend to exit")
+    with pool.connection() as cur:  # the dead idle connection is discarded, a new one opened
+        cur.execute("SELECT 1")
+
+    unreachable = make_pool(
+        f"postgresql://nobody@{HOST}:{free_port()}/x", events=metrics.PoolMetrics()
+    )
+    with pytest.raises(DatabaseUnavailable), unreachable.connection():
+        pass
+    after = scrape(client)
+
+    assert value(after, "db_pool_discarded_total") - value(before, "db_pool_discarded_total") == 1
+    connect_errors = "db_pool_connect_errors_total"
+    assert value(after, connect_errors) - value(before, connect_errors) == 1
+
+
+def test_a_pool_without_events_reports_nothing(make_pool, client):
+    pool = make_pool(max_size=1)
+    before = scrape(client)
+    with pool.connection() as cur:
+        cur.execute("SELECT 1")
+    with pool.connection(), pytest.raises(PoolTimeout), pool.connection(timeout=0.01):
+        pass
+    after = scrape(client)
+    for name in ("db_pool_checkouts_total", "db_pool_timeouts_total"):
+        assert value(after, name) == value(before, name), name
+
+
+# --- the production command: two workers, one /metrics ---------------------------------------
+
+WORKERS = 2
+POOL_MAX = 3
+
+
+@pytest.fixture(scope="module")
+def server(database_url, tmp_path_factory):
+    log = tmp_path_factory.mktemp("metrics") / "gunicorn.log"
+    env = {"WEB_CONCURRENCY": str(WORKERS), "DB_POOL_MAX": str(POOL_MAX), "DB_POOL_MIN": "1"}
+    with Gunicorn(database_url, log, **env) as gunicorn:
+        yield gunicorn
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def served_by(gunicorn: Gunicorn, route: str) -> list[int]:
+    """The pid of the worker behind each access line for `route` so far."""
+    lines = (json.loads(line) for line in gunicorn.log_lines('"service.access"'))
+    return [line["pid"] for line in lines if line["route"] == route]
+
+
+def scrape_server(gunicorn: Gunicorn) -> dict:
+    status, body = get(gunicorn.port, "/metrics")
+    assert status == 200
+    return parse(body.decode())
+
+
+def test_metrics_add_up_every_workers_requests(server, admin):
+    user = seed_user(admin)
+    sent = 0
+    # The kernel decides which worker accepts a connection: send bursts until both have served.
+    for _ in range(20):
+        burst = [gevent.spawn(get, server.port, f"/users/{user}") for _ in range(20)]
+        assert [g.get(timeout=30)[0] for g in burst] == [200] * len(burst)
+        sent += len(burst)
+        if len(set(served_by(server, USER_ROUTE))) == WORKERS:
+            break
+    assert len(set(served_by(server, USER_ROUTE))) == WORKERS, "one worker served everything"
+
+    # Whichever worker answers /metrics, it reports the requests of both.
+    reports = {}
+    for _ in range(50):
+        samples = scrape_server(server)
+        reports[served_by(server, "/metrics")[-1]] = samples
+        if len(reports) == WORKERS:
+            break
+    assert len(reports) == WORKERS, "one worker served every scrape"
+    for samples in reports.values():
+        ok = {"method": "GET", "route": USER_ROUTE, "status": "200"}
+        assert value(samples, "http_requests_total", **ok) == sent
+        count = "http_request_duration_seconds_count"
+        assert value(samples, count, method="GET", route=USER_ROUTE) == sent
+        assert value(samples, "db_pool_checkouts_total") >= sent
+        assert value(samples, "db_pool_max") == WORKERS * POOL_MAX
+        assert value(samples, "db_pool_in_use") == 0
+        assert value(samples, "db_pool_idle") == value(samples, "db_pool_size") >= WORKERS
+
+
+def test_a_dead_workers_gauges_leave_the_sums_and_its_counts_stay(server, admin):
+    user = seed_user(admin)
+    for _ in range(3):
+        assert get(server.port, f"/users/{user}")[0] == 200
+    ok = {"method": "GET", "route": USER_ROUTE, "status": "200"}
+    before = value(scrape_server(server), "http_requests_total", **ok)
+    victim = served_by(server, USER_ROUTE)[-1]
+    opened = len(server.log_lines("pool open"))
+
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(server.log_lines("pool open")) > opened, 20, "a new worker's pool")
+    after = scrape_server(server)
+
+    assert value(after, "db_pool_max") == WORKERS * POOL_MAX  # not the dead worker's too
+    assert value(after, "http_requests_total", **ok) == before
+
+
+def metrics_dir(gunicorn: Gunicorn) -> Path:
+    [line] = gunicorn.log_lines('"metrics: ')
+    return Path(json.loads(line)["message"].removeprefix("metrics: "))
+
+
+def test_a_metrics_dir_of_its_own_is_made_and_removed_at_exit(database_url, tmp_path):
+    gunicorn = Gunicorn(database_url, tmp_path / "gunicorn.log", WEB_CONCURRENCY="1")
+    with gunicorn:
+        made = metrics_dir(gunicorn)
+        assert made.is_dir()
+        assert list(made.glob("*.db"))
+    assert not made.exists()
+
+
+def test_a_given_metrics_dir_starts_from_zero_and_is_kept(database_url, tmp_path):
+    given = tmp_path / "metrics"
+    given.mkdir()
+    env = {"WEB_CONCURRENCY": "1", "PROMETHEUS_MULTIPROC_DIR": str(given)}
+    counts = []
+    for run in range(2):  # the same directory, as after a container restart
+        with Gunicorn(database_url, tmp_path / f"gunicorn{run}.log", **env) as gunicorn:
+            assert metrics_dir(gunicorn) == given
+            for _ in range(3):
+                assert get(gunicorn.port, "/openapi.json")[0] == 200
+            samples = scrape_server(gunicorn)
+            ok = {"method": "GET", "route": "/openapi.json", "status": "200"}
+            counts.append(value(samples, "http_requests_total", **ok))
+        assert list(given.glob("*.db")), "the files are the operator's to keep"
+    assert counts == [3, 3]  # the second run counted from zero, not from the first's files
