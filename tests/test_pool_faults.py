@@ -3,6 +3,7 @@ before anyone uses them, connects back off while the server is away, the wait qu
 capped, and a connection held too long is reported."""
 
 import logging
+import socket
 import time
 
 import gevent
@@ -140,6 +141,21 @@ def test_the_pool_is_used_again_within_a_second_of_the_server_returning(
             assert time.monotonic() - back < 2
             gevent.sleep(0.02)
     assert time.monotonic() - back < 1.1
+
+
+def test_a_server_that_never_answers_a_connect_gives_database_unavailable_in_time(make_pool):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # the kernel accepts; nothing ever speaks
+    try:
+        pool = make_pool(f"host=127.0.0.1 port={silent.getsockname()[1]}", connect_timeout=1)
+        started = time.monotonic()
+        with gevent.Timeout(5), pytest.raises(DatabaseUnavailable), pool.connection():
+            pass
+        assert 0.9 < time.monotonic() - started < 2
+        assert pool.stats()["in_use"] == 0
+    finally:
+        silent.close()
 
 
 def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
