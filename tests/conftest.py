@@ -17,6 +17,7 @@ import os  # noqa: E402
 import secrets  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
+import pgutil  # noqa: E402
 import psycopg2  # noqa: E402
 import psycopg2.extensions  # noqa: E402
 import pytest  # noqa: E402
@@ -60,6 +61,14 @@ def _autocommit(url):
         yield conn.cursor()
     finally:
         conn.close()
+
+
+@pytest.fixture
+def fresh_database(database_url):
+    """An empty database of its own (no schema, nobody else's connections), for a test that
+    starts the service and counts its connections apart."""
+    with pgutil.fresh_database(database_url, "fresh") as url:
+        yield url
 
 
 @pytest.fixture

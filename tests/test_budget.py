@@ -1,15 +1,12 @@
 """The connection budget: WEB_CONCURRENCY x DB_POOL_MAX x APP_INSTANCES must fit in the server's
 max_connections less its reserved slots, or the service refuses to start."""
 
-import secrets
 import subprocess
 import time
-from contextlib import contextmanager
 
-import psycopg2
-import psycopg2.extensions
 import pytest
 from gunicorn_proc import Gunicorn
+from pgutil import autocommit
 
 from service.budget import Budget, BudgetExceeded, ServerLimits, check, read_limits
 
@@ -58,27 +55,6 @@ def test_the_limits_read_are_the_servers(database_url, admin):
         max_connections,
         superuser_reserved,
     )
-
-
-@pytest.fixture
-def fresh_database(database_url):
-    """An empty database of its own: no schema yet, and nobody else's connections."""
-    name = f"budget_{secrets.token_hex(4)}"
-    with autocommit(database_url) as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    yield psycopg2.extensions.make_dsn(database_url, dbname=name)
-    with autocommit(database_url) as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def autocommit(dsn):
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        yield conn.cursor()
-    finally:
-        conn.close()
 
 
 def test_gunicorn_refuses_to_start_when_the_budget_exceeds_max_connections(

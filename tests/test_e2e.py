@@ -7,7 +7,6 @@ connection waits on the lock with it, every other one waits for a connection.
 """
 
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -21,6 +20,7 @@ import psycopg2.extensions
 import pytest
 from gevent.event import Event
 from gunicorn_proc import Gunicorn, call, refuses_connections, wait_until
+from pgutil import Sampler, autocommit
 
 WORKERS = 2
 POOL_MAX = 4
@@ -40,27 +40,6 @@ def server(database_url, tmp_path_factory):
     log = tmp_path_factory.mktemp("e2e") / "gunicorn.log"
     with Gunicorn(database_url, log, **SERVER_ENV) as gunicorn:
         yield gunicorn
-
-
-@pytest.fixture
-def fresh_database(database_url):
-    """An empty database of its own, so that a server's connections are counted apart."""
-    name = f"e2e_{secrets.token_hex(4)}"
-    with autocommit(database_url) as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    yield psycopg2.extensions.make_dsn(database_url, dbname=name)
-    with autocommit(database_url) as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def autocommit(dsn):
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        yield conn.cursor()
-    finally:
-        conn.close()
 
 
 @contextmanager
@@ -87,6 +66,16 @@ def app_backends(cur) -> list[tuple[int, int, str | None]]:
     return cur.fetchall()
 
 
+def lock_waits(cur) -> tuple[int, int]:
+    """The service's connections, and how many of them wait on a lock."""
+    backends = app_backends(cur)
+    return len(backends), sum(w == "Lock" for *_, w in backends)
+
+
+def most_waiting(sampler: Sampler) -> int:
+    return max((waiting for _, waiting in sampler.samples), default=0)
+
+
 def waiting_on_lock(cur) -> int:
     return sum(wait == "Lock" for _, _, wait in app_backends(cur))
 
@@ -99,36 +88,6 @@ def seed_users(cur, n: int) -> list[int]:
         (n,),
     )
     return [row[0] for row in cur.fetchall()]
-
-
-class Sampler:
-    """Counts the service's connections over and over, on a connection of its own."""
-
-    def __init__(self, dsn: str, limit_s: float = 60.0):
-        self.dsn = dsn
-        self.limit_s = limit_s
-        self.samples: list[tuple[int, int]] = []  # (connections, of which waiting on a lock)
-        self._stop = Event()
-
-    def __enter__(self):
-        self._greenlet = gevent.spawn(self._run)
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._greenlet.get(timeout=10)
-
-    def _run(self):
-        deadline = time.monotonic() + self.limit_s
-        with autocommit(self.dsn) as cur:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                backends = app_backends(cur)
-                self.samples.append((len(backends), sum(w == "Lock" for *_, w in backends)))
-                self._stop.wait(0.005)
-
-    @property
-    def most_waiting(self) -> int:
-        return max((waiting for _, waiting in self.samples), default=0)
 
 
 def fill_pools(port: int, dsn: str, path: str, cur, rounds: int = 5) -> None:
@@ -191,7 +150,7 @@ def test_500_concurrent_requests_succeed_within_the_connection_budget(server, da
         for i in range(500)
     ]
     go, connected = Event(), []
-    with Sampler(database_url) as sampler:
+    with Sampler(database_url, lock_waits) as sampler:
         with users_locked(database_url):
             clients = [
                 gevent.spawn(call, server.port, method, path, body, go=go, connected=connected)
@@ -199,7 +158,11 @@ def test_500_concurrent_requests_succeed_within_the_connection_budget(server, da
             ]
             wait_until(lambda: len(connected) == len(requests), 20, "500 open connections")
             go.set()  # 500 requests at once, each wanting a connection
-            wait_until(lambda: sampler.most_waiting >= POOL_MAX, 10, "a pool lent out in full")
+            wait_until(
+                lambda: max(w for _, w in sampler.samples) >= POOL_MAX,
+                10,
+                "a pool lent out in full",
+            )
         finished = gevent.joinall(clients, timeout=60)
     assert len(finished) == len(requests)
 

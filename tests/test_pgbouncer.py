@@ -9,10 +9,8 @@ behind a lock still ends at the statement timeout: `SET LOCAL` travels with its 
 
 import http.client
 import json
-import secrets
 import time
 from collections import Counter
-from contextlib import contextmanager
 from itertools import cycle
 
 import gevent
@@ -22,6 +20,7 @@ import pytest
 from gevent.event import Event
 from gunicorn_proc import HOST, Gunicorn, call, wait_until
 from pgbouncer import INSTALL_HINT, PgBouncer, find_pgbouncer
+from pgutil import Sampler, autocommit, fresh_database
 
 from service.budget import read_limits
 
@@ -39,25 +38,11 @@ INSTANCE_ENV = {
 pytestmark = pytest.mark.skipif(find_pgbouncer() is None, reason=INSTALL_HINT)
 
 
-@contextmanager
-def autocommit(dsn):
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        yield conn.cursor()
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def server_database(database_url):
     """An empty database on the real server, reached directly (not through PgBouncer)."""
-    name = f"bouncer_{secrets.token_hex(4)}"
-    with autocommit(database_url) as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    yield psycopg2.extensions.make_dsn(database_url, dbname=name)
-    with autocommit(database_url) as cur:
-        cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with fresh_database(database_url, "bouncer") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -96,31 +81,6 @@ def server_backends(cur) -> int:
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
     return cur.fetchone()[0]
-
-
-class Sampler:
-    """Counts the server's connections to the database over and over, until the block ends."""
-
-    def __init__(self, dsn: str, limit_s: float = 60.0):
-        self.dsn = dsn
-        self.limit_s = limit_s
-        self.samples: list[int] = []
-        self._stop = Event()
-
-    def __enter__(self):
-        self._greenlet = gevent.spawn(self._run)
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._greenlet.get(timeout=10)
-
-    def _run(self):
-        deadline = time.monotonic() + self.limit_s
-        with autocommit(self.dsn) as cur:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                self.samples.append(server_backends(cur))
-                self._stop.wait(0.005)
 
 
 def test_migrations_run_once_through_pgbouncer_while_three_instances_start(
@@ -162,7 +122,7 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     ]
     ports = cycle(gunicorn.port for gunicorn in instances)
     go, connected = Event(), []
-    with Sampler(server_database) as sampler:
+    with Sampler(server_database, server_backends) as sampler:
         clients = [
             gevent.spawn(call, next(ports), method, path, body, go=go, connected=connected)
             for method, path, body in requests
@@ -175,8 +135,9 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     results = [client.get() for client in clients]
     assert Counter(status for status, _ in results) == {200: 150, 201: 150}
     assert len(sampler.samples) >= 10, "the sampler barely ran"
-    # 24 pooled connections wanted the server at once; PgBouncer lent them its 6, no more.
-    assert max(sampler.samples) == POOL_SIZE
+    # 24 pooled connections wanted the server at once; PgBouncer lent them at most its 6 (how
+    # many it opened depends on how quickly one-round-trip requests hand them back).
+    assert 1 <= max(sampler.samples) <= POOL_SIZE
     with autocommit(server_database) as cur:
         cur.execute("SELECT count(*) FROM users")
         assert cur.fetchone()[0] == 30 + 150
