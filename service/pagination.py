@@ -18,6 +18,21 @@ MAX_LIMIT = 500
 BIGINT_MAX = 2**63 - 1
 _CURSOR = re.compile(r"v1:([0-9]{1,19})")
 
+# The cursors encode_cursor() gives, as a regular expression for the OpenAPI document, so that
+# a client (or a fuzzer) can tell a cursor from any string. "djE6" is "v1:"; the id's digits
+# follow three at a time as four base64 characters, and ASCII digits leave only these
+# characters possible in each place. The first digit is not 0 unless it is the only one. Ids of
+# up to 18 digits: a bigserial takes centuries to reach 10**18.
+_PAIR = "(?:[MN][DTjz]|O[DT])"  # a digit followed by another
+_LEAD = "(?:M[Tjz]|N[DTjz]|O[DT])"  # the same, the first digit not 0
+_THIRD, _FOURTH = "[AEIMQUYcgk]", "[w-z0-5]"  # the rest of a second digit; a third digit
+_ONE = "(?:[MN][AQgw]|O[AQ])"  # a digit with none after it
+_TRIPLE = _PAIR + _THIRD + _FOURTH
+CURSOR_PATTERN = (
+    f"^djE6(?:{_ONE}|{_LEAD}{_THIRD}|{_LEAD}{_THIRD}{_FOURTH}"
+    f"(?:(?:{_TRIPLE}){{0,4}}(?:{_ONE}|{_PAIR}{_THIRD})?|(?:{_TRIPLE}){{5}}))$"
+)
+
 
 def parse_limit(raw: str | None) -> int:
     if raw is None:
