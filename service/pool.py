@@ -212,6 +212,7 @@ class Pool:
         self._closed = False
         self._connect_failures = 0
         self._next_connect_at = 0.0
+        self._probing = False
         self._events = events
         self._changed()
 
@@ -320,6 +321,9 @@ class Pool:
             # libpq ignores connect_timeout in the non-blocking connect that psycogreen drives,
             # so the deadline is ours.
             deadline = gevent.Timeout(self._connect_timeout if connecting else None)
+            # After a failure, one greenlet at a time probes the server; the rest fail at once.
+            probing = connecting and self._connect_failures > 0
+            self._probing = self._probing or probing
             deadline.start()
             try:
                 conn = self._connections.getconn()
@@ -335,6 +339,8 @@ class Pool:
                 ) from None
             finally:
                 deadline.close()
+                if probing:
+                    self._probing = False
             now = time.monotonic()
             if conn.expires_at is None:
                 self._open += 1
@@ -372,6 +378,8 @@ class Pool:
         wait = self._next_connect_at - time.monotonic()
         if wait > 0:
             raise DatabaseUnavailable(f"the database is unreachable; next connect in {wait:.2f} s")
+        if self._probing:
+            raise DatabaseUnavailable("the database is unreachable; another request is retrying")
 
     def _connect_failed(self) -> None:
         if self._events is not None:
