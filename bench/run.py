@@ -195,8 +195,9 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
             f"(DB_POOL_MAX={pool}, DB_MAX_CONNECTIONS={servers.WORKERS * pool}), "
             f"DB_POOL_TIMEOUT={servers.POOL_TIMEOUT_S} (the default 5 s would turn the wait "
             "that Little's law gives at 10,000 connections into 503s), every other setting "
-            "at its default; listen backlog gunicorn's default 2048 (no variant sets "
-            f"it), cut to net.core.somaxconn={host.somaxconn()}; access log on, to a file"
+            "at its default; listen backlog 16384 for the service (gunicorn.conf.py), gunicorn's "
+            f"default 2048 for the others, cut to net.core.somaxconn={host.somaxconn()}; "
+            "access log on, to stdout captured in a file"
         ),
         "settings passed through from the environment": (
             ", ".join(f"{k}={v}" for k, v in passed.items()) or "none"
