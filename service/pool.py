@@ -12,7 +12,9 @@ psycopg2's pool alone is wrong for a gevent worker in two ways, and this module 
 
 It knows nothing of Flask or HTTP; the HTTP layer maps its three exceptions to responses. It is
 greenlet-safe, not thread-safe: the worker's greenlets share one OS thread and switch only at
-blocking calls, which is what keeps the slot bookkeeping below free of locks.
+blocking calls, which is what keeps the slot bookkeeping below free of locks. (psycopg2's
+pool keeps its own lock; it is never held across a switch, since this pool opens connections
+outside it.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -57,6 +59,39 @@ DEADLINE_GRACE_S = 1.0
 # The real poll(2), not gevent's: a zero-timeout readiness check must not switch greenlets.
 _poll = get_original("select", "poll")
 _POLLIN = get_original("select", "POLLIN")
+
+
+@contextmanager
+def deadline(seconds: float | None, on_expiry: Callable[[], Exception]) -> Iterator[None]:
+    """Bound a block that waits on the network; raise `on_expiry()` when `seconds` pass.
+
+    Only its own timer is turned into that error: a caller's `gevent.Timeout` around the
+    block passes through untouched.
+    """
+    timer = gevent.Timeout(seconds)
+    timer.start()
+    try:
+        yield
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        raise on_expiry() from None
+    finally:
+        timer.close()
+
+
+def connect(dsn: str, connect_timeout: float, **kwargs) -> psycopg2.extensions.connection:
+    """`psycopg2.connect()` that honours `connect_timeout` once psycogreen made it green.
+
+    libpq ignores connect_timeout in the non-blocking connect that psycogreen drives, so an
+    address that accepts and never answers would hold the caller for ever; here it raises
+    `psycopg2.OperationalError` like any failed connect.
+    """
+    with deadline(
+        connect_timeout,
+        lambda: psycopg2.OperationalError(f"no connection within {connect_timeout:g} s"),
+    ):
+        return psycopg2.connect(dsn, connect_timeout=max(1, int(connect_timeout)), **kwargs)
 
 
 class PoolTimeout(Exception):
@@ -120,19 +155,12 @@ class Cursor(RealDictCursor):
     def execute(self, query, vars=None):
         if self.deadline_s is None:
             return self._execute(query, vars)
-        deadline = gevent.Timeout(self.deadline_s)
-        deadline.start()
-        try:
+        with deadline(self.deadline_s, self._give_up):
             return self._execute(query, vars)
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
-            self.connection.close()
-            raise DatabaseUnavailable(
-                f"no answer from the database within {self.deadline_s:g} s"
-            ) from None
-        finally:
-            deadline.close()
+
+    def _give_up(self) -> DatabaseUnavailable:
+        self.connection.close()  # its state is unknown: it must never be lent again
+        return DatabaseUnavailable(f"no answer from the database within {self.deadline_s:g} s")
 
     def _execute(self, query, vars):
         if not self.preamble:
@@ -188,13 +216,10 @@ class Pool:
         # SET LOCAL applies to and which commits when the string ends.
         self._statement_preamble = f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}; "
         self._deadline_s = statement_timeout_ms / 1000 + DEADLINE_GRACE_S
-        self._connections = ThreadedConnectionPool(
-            0,  # open nothing here: warm() does, best effort, once the worker runs
-            max_size,
-            dsn,
+        self._dsn = dsn
+        self._connect_kwargs = dict(
             connection_factory=PooledConnection,
             cursor_factory=Cursor,
-            connect_timeout=connect_timeout,
             application_name=application_name,
             # Let the kernel find a dead server (or let the server find a dead worker) in
             # about a minute instead of the system default of two hours.
@@ -203,6 +228,10 @@ class Pool:
             keepalives_interval=10,
             keepalives_count=3,
         )
+        # It holds the idle connections. It would open new ones itself while holding its lock
+        # (a gevent lock once patched), making every checkout and return wait behind one slow
+        # connect; `_take()` opens them outside it and hands them over.
+        self._connections = ThreadedConnectionPool(0, max_size, dsn)
         # psycopg2 keeps a returned connection only while fewer than `minconn` are idle.
         self._connections.minconn = max_size
         self._free = max_size  # slots held by no greenlet
@@ -256,8 +285,8 @@ class Pool:
         """
         lent = []
         try:
-            for _ in range(self._min_size):
-                lent.append(self._checkout(self._timeout))
+            for _ in range(self._min_size):  # not a request: lent without reporting it
+                lent.append(self._lend(self._timeout))
         except (PoolTimeout, DatabaseUnavailable) as exc:
             log.warning("could not open the pool's first connections: %s", exc)
         finally:
@@ -282,21 +311,25 @@ class Pool:
             self._waiters.popleft().set()
         if not self._connections.closed:
             self._connections.closeall()
-        self._open = 0
+        self._open = self._in_use  # closed too; each is counted off when it comes back
         self._changed()
 
     def _checkout(self, timeout: float) -> PooledConnection:
         started = time.monotonic()
         try:
             conn = self._lend(timeout)
-        except PoolTimeout:
-            if self._events is not None:
+        except BaseException as exc:
+            self._changed()
+            if isinstance(exc, PoolTimeout) and self._events is not None:
                 self._events.timed_out(time.monotonic() - started)
             raise
-        finally:
+        try:
             self._changed()
-        if self._events is not None:
-            self._events.checked_out(time.monotonic() - started)
+            if self._events is not None:
+                self._events.checked_out(time.monotonic() - started)
+        except BaseException:  # a listener that fails must not cost a connection
+            self._checkin(conn)
+            raise
         return conn
 
     def _lend(self, timeout: float) -> PooledConnection:
@@ -315,32 +348,9 @@ class Pool:
         """A live connection within its lifetime: an idle one that passes the checks below, or
         a new one. Dead, expired and closed idle connections are dropped on the way."""
         while True:
-            connecting = not self._connections._pool
-            if connecting:  # getconn() will open a connection: respect the backoff
-                self._check_backoff()
-            # libpq ignores connect_timeout in the non-blocking connect that psycogreen drives,
-            # so the deadline is ours.
-            deadline = gevent.Timeout(self._connect_timeout if connecting else None)
-            # After a failure, one greenlet at a time probes the server; the rest fail at once.
-            probing = connecting and self._connect_failures > 0
-            self._probing = self._probing or probing
-            deadline.start()
-            try:
-                conn = self._connections.getconn()
-            except psycopg2.OperationalError as exc:
-                self._connect_failed()
-                raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
-            except gevent.Timeout as exc:
-                if exc is not deadline:
-                    raise
-                self._connect_failed()
-                raise DatabaseUnavailable(
-                    f"no connection within the connect timeout ({self._connect_timeout:g} s)"
-                ) from None
-            finally:
-                deadline.close()
-                if probing:
-                    self._probing = False
+            if not self._connections._pool:  # nothing idle: open one, outside the pool's lock
+                self._connections._pool.append(self._open_connection())
+            conn = self._connections.getconn()  # never connects: an idle one is there
             now = time.monotonic()
             if conn.expires_at is None:
                 self._open += 1
@@ -351,6 +361,21 @@ class Pool:
                 self._discard(conn)
                 continue
             return conn
+
+    def _open_connection(self) -> PooledConnection:
+        """A new connection, or `DatabaseUnavailable`; paced by the backoff after a failure,
+        when one greenlet at a time probes the server and the rest fail at once."""
+        self._check_backoff()
+        probing = self._connect_failures > 0
+        self._probing = self._probing or probing
+        try:
+            return connect(self._dsn, self._connect_timeout, **self._connect_kwargs)
+        except psycopg2.OperationalError as exc:
+            self._connect_failed()
+            raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
+        finally:
+            if probing:
+                self._probing = False
 
     def _alive(self, conn: PooledConnection, idle_s: float) -> bool:
         """Whether an idle connection still has a server behind it.
@@ -368,9 +393,9 @@ class Pool:
         if idle_s < self._ping_after_idle_s:
             return True
         try:
-            with gevent.Timeout(self._connect_timeout), conn.cursor() as cursor:
+            with deadline(self._connect_timeout, _NoAnswer), conn.cursor() as cursor:
                 cursor.execute("SELECT 1")
-        except (psycopg2.Error, gevent.Timeout):
+        except (psycopg2.Error, _NoAnswer):
             return False
         return True
 
@@ -392,6 +417,7 @@ class Pool:
         try:
             if self._closed:
                 conn.close()
+                self._open -= 1
             elif _reusable(conn):
                 conn.idle_since = time.monotonic()
                 self._connections.putconn(conn)
@@ -441,6 +467,10 @@ class Pool:
     def _changed(self) -> None:
         if self._events is not None:
             self._events.changed(self.stats())
+
+
+class _NoAnswer(Exception):
+    """A ping got no answer in time."""
 
 
 def _warn_leak(label: str, held_s: float) -> None:

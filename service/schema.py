@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg2
 
 from config import redact_dsn
+from service import pool
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,7 @@ def _connect(dsn: str, connect_timeout: int, wait_s: float):
     delay = 0.1
     while True:
         try:
-            return psycopg2.connect(
-                dsn, connect_timeout=connect_timeout, application_name="service-migrate"
-            )
+            return pool.connect(dsn, connect_timeout, application_name="service-migrate")
         except psycopg2.OperationalError as exc:
             if time.monotonic() + delay > deadline:
                 raise RuntimeError(

@@ -2,7 +2,8 @@
 
 Between a pool and the real server it plays the network: `cut()` silences every open link
 without closing it (a dead route: no FIN, no RST, nothing arrives), `refuse()` also closes new
-connections at once, as if nothing listened, and `restore()` forwards new connections again.
+connections at once, as if nothing listened, `stall()` lets new connections in and never
+answers them, and `restore()` forwards new connections again.
 It counts the connections it accepts, so a test can tell how often a client tried to connect.
 """
 
@@ -27,6 +28,7 @@ class TcpProxy:
         self._server = StreamServer(("127.0.0.1", 0), self._handle)
         self._links: list[_Link] = []
         self.refusing = False
+        self.stalling = False
         self.accepted = 0
 
     @property
@@ -53,9 +55,14 @@ class TcpProxy:
         self.cut()
         self.refusing = True
 
+    def stall(self) -> None:
+        """New connections are accepted and then hear nothing: a connect that never ends."""
+        self.stalling = True
+
     def restore(self) -> None:
         """New connections are forwarded again; links cut before stay dead."""
         self.refusing = False
+        self.stalling = False
 
     def _handle(self, client: socket.socket, _address) -> None:
         self.accepted += 1
@@ -63,6 +70,7 @@ class TcpProxy:
             client.close()
             return
         link = _Link(client, socket.create_connection(self._target))
+        link.dead = self.stalling
         self._links.append(link)
         client, upstream = link.sockets
         gevent.joinall(

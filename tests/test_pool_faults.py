@@ -9,6 +9,7 @@ import time
 import gevent
 import psycopg2.extensions
 import pytest
+from gunicorn_proc import wait_until
 
 from service.pool import DatabaseUnavailable, PoolTimeout
 from tests.tcpproxy import TcpProxy
@@ -46,24 +47,16 @@ def backend_pids(pool, n):
     return set(pids)
 
 
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        gevent.sleep(0.01)
-
-
 def test_idle_connections_killed_by_the_server_are_replaced_unnoticed(make_pool, admin):
     pool = make_pool(max_size=3)
     old = backend_pids(pool, 3)
     admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid", (list(old),))
-    admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
-    wait_until(
-        lambda: (
-            not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
-            and admin.fetchone() is None
-        )
-    )
+
+    def gone():
+        admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(old),))
+        return admin.fetchone()[0] == 0
+
+    wait_until(gone, 5, "the terminated backends to go")
 
     new = backend_pids(pool, 3)  # raises if any checkout hands out a dead connection
     assert not new & old
@@ -159,6 +152,33 @@ def test_a_server_that_never_answers_a_connect_gives_database_unavailable_in_tim
         silent.close()
 
 
+def test_a_slow_connect_does_not_hold_up_idle_connections(make_pool, proxied_url, proxy):
+    pool = make_pool(proxied_url, max_size=2, connect_timeout=2)
+    handed_back, connecting = gevent.event.Event(), gevent.event.Event()
+
+    def holder():
+        with pool.connection() as db:
+            db.execute("SELECT 1")
+            connecting.wait(5)
+        handed_back.set()
+
+    def connector():  # finds nothing idle, connects, and the server never answers
+        connecting.set()
+        with pytest.raises(DatabaseUnavailable), pool.connection():
+            pass
+
+    first = gevent.spawn(holder)
+    wait_until(lambda: pool.stats()["in_use"] == 1, 5, "the first connection lent")
+    proxy.stall()
+    second = gevent.spawn(connector)
+    started = time.monotonic()
+    handed_back.wait(5)
+    with pool.connection() as db:  # the returned connection, not a wait behind the connect
+        db.execute("SELECT 1")
+    assert time.monotonic() - started < 0.5
+    gevent.joinall([first, second], raise_error=True)
+
+
 def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
     pool = make_pool(max_size=1, max_waiting=2, timeout=5)
     release = gevent.event.Event()
@@ -169,7 +189,7 @@ def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
             release.wait()
 
     jobs = [gevent.spawn(holder) for _ in range(3)]  # one holds, two wait
-    wait_until(lambda: pool.stats()["waiting"] == 2)
+    wait_until(lambda: pool.stats()["waiting"] == 2, 5, "two waiters")
     started = time.monotonic()
     with pytest.raises(PoolTimeout), pool.connection():
         pass

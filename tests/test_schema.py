@@ -1,5 +1,8 @@
 """Migrations apply once, in order, even when several instances start together."""
 
+import socket
+import time
+
 import gevent
 import pytest
 
@@ -27,3 +30,16 @@ def test_an_unreachable_database_fails_start_with_the_password_hidden():
     with pytest.raises(RuntimeError, match="cannot reach the database") as failed:
         schema.migrate("postgresql://u:hunter2@127.0.0.1:1/db", connect_timeout=1, wait_s=0.3)
     assert "hunter2" not in str(failed.value)
+
+
+def test_a_server_that_never_answers_stops_the_migration_in_time():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # the kernel accepts; nothing ever speaks
+    try:
+        started = time.monotonic()
+        with gevent.Timeout(10), pytest.raises(RuntimeError, match="cannot reach the database"):
+            schema.migrate(f"host=127.0.0.1 port={silent.getsockname()[1]}", 1, wait_s=2)
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
