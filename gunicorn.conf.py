@@ -48,7 +48,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
-wsgi_app = "service:create_app()"
+wsgi_app = "service.app:create_app()"
 worker_class = "gevent"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency

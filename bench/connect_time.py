@@ -18,7 +18,8 @@ import psycopg2
 
 from bench.database import SELECT_USER
 from config import load_settings
-from service import create_app, db
+from service import db
+from service.app import create_app
 
 CONNECTS = 200
 CHECKOUTS = 5000

@@ -15,7 +15,6 @@ patch_psycopg()
 
 import os  # noqa: E402
 import secrets  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 
 import pgutil  # noqa: E402
 import psycopg2  # noqa: E402
@@ -23,7 +22,8 @@ import psycopg2.extensions  # noqa: E402
 import pytest  # noqa: E402
 
 from config import load_settings  # noqa: E402
-from service import create_app, db, schema  # noqa: E402
+from service import db, schema  # noqa: E402
+from service.app import create_app  # noqa: E402
 from service.localpg import LocalPostgres  # noqa: E402
 from service.pool import Pool  # noqa: E402
 
@@ -44,23 +44,13 @@ def database_url(pg_server):
     """A fresh database for this session, on the throwaway server or on TEST_DATABASE_URL's."""
     name = f"test_{secrets.token_hex(4)}"
     server_url = os.environ.get("TEST_DATABASE_URL") or pg_server.dsn()
-    with _autocommit(server_url) as cur:
+    with pgutil.autocommit(server_url) as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     url = psycopg2.extensions.make_dsn(server_url, dbname=name)
     schema.migrate(url, connect_timeout=5)
     yield url
-    with _autocommit(server_url) as cur:
+    with pgutil.autocommit(server_url) as cur:
         cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def _autocommit(url):
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        yield conn.cursor()
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -74,7 +64,7 @@ def fresh_database(database_url):
 @pytest.fixture
 def admin(database_url):
     """A plain autocommit cursor on the test database, outside any pool, for set-up and checks."""
-    with _autocommit(database_url) as cur:
+    with pgutil.autocommit(database_url) as cur:
         yield cur
 
 
@@ -82,7 +72,7 @@ def admin(database_url):
 def _empty_users(request):
     """Every test that touches the database starts with no users."""
     if "database_url" in request.fixturenames:
-        with _autocommit(request.getfixturevalue("database_url")) as cur:
+        with pgutil.autocommit(request.getfixturevalue("database_url")) as cur:
             cur.execute("TRUNCATE users")
     yield
 

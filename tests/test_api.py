@@ -14,7 +14,8 @@ import psycopg2
 import pytest
 from gevent.event import Event
 
-from service import create_app, db
+from service import db
+from service.app import create_app
 
 TOO_BIG = 2**63
 

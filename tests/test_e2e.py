@@ -159,7 +159,7 @@ def test_500_concurrent_requests_succeed_within_the_connection_budget(server, da
             wait_until(lambda: len(connected) == len(requests), 20, "500 open connections")
             go.set()  # 500 requests at once, each wanting a connection
             wait_until(
-                lambda: max(w for _, w in sampler.samples) >= POOL_MAX,
+                lambda: most_waiting(sampler) >= POOL_MAX,
                 10,
                 "a pool lent out in full",
             )

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from pgutil import fresh_database
 
 from config import load_settings
-from service import create_app, schema
+from service import schema
+from service.app import create_app
 from service.errors import ApiError
 from service.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
 from service.users import NAME_MAX, NAME_PATTERN, _read_fields

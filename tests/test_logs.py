@@ -18,7 +18,8 @@ import psycopg2.extensions
 import pytest
 from gunicorn_proc import HOST, Gunicorn, free_port, wait_until
 
-from service import create_app, db
+from service import db
+from service.app import create_app
 from service.logs import JsonFormatter, redact
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "pid"}

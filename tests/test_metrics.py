@@ -18,7 +18,8 @@ from gunicorn_proc import HOST, Gunicorn, free_port, wait_until
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import create_app, db, metrics
+from service import db, metrics
+from service.app import create_app
 from service.pool import DatabaseUnavailable, PoolTimeout
 
 USER_ROUTE = "/users/<user_id>"

@@ -13,7 +13,8 @@ from openapi_schema_validator import OAS30Validator
 from openapi_schema_validator import validate as validate_instance
 from openapi_spec_validator import validate as validate_spec
 
-from service import create_app, db
+from service import db
+from service.app import create_app
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
 
