@@ -108,6 +108,12 @@ def on_starting(server):
 
     from service import budget, schema
 
+    if server.cfg.workers != settings.web_concurrency:  # e.g. --workers in GUNICORN_CMD_ARGS
+        raise RuntimeError(
+            f"gunicorn would run {server.cfg.workers} workers but WEB_CONCURRENCY is "
+            f"{settings.web_concurrency}, which sizes the pools and the connection budget: "
+            "set WEB_CONCURRENCY instead of gunicorn's --workers"
+        )
     server.log.info("database: %s", settings.safe_database_url)
     wanted = budget.Budget.of(settings)
     limits = budget.read_limits(settings.database_url, settings.db_connect_timeout)
