@@ -15,6 +15,7 @@ patch_psycopg()
 
 import os  # noqa: E402
 import secrets  # noqa: E402
+import socket  # noqa: E402
 
 import pgutil  # noqa: E402
 import psycopg2  # noqa: E402
@@ -59,6 +60,15 @@ def fresh_database(database_url):
     starts the service and counts its connections apart."""
     with pgutil.fresh_database(database_url, "fresh") as url:
         yield url
+
+
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 where the kernel accepts connections and nothing ever speaks."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        yield silent.getsockname()[1]
 
 
 @pytest.fixture

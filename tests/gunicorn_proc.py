@@ -159,6 +159,19 @@ class Gunicorn:
     def log_lines(self, text: str) -> list[str]:
         return [line for line in self.log.splitlines() if text in line]
 
+    def refused(self, timeout: float = 15.0) -> int:
+        """Start, expecting gunicorn to refuse: its exit code, which must not be 0; fails when it
+        is still running after `timeout`, or booted a worker."""
+        self.start()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.terminate()
+            raise AssertionError(f"gunicorn kept running:\n{self.log}") from None
+        assert code != 0, self.log
+        assert "Booting worker" not in self.log
+        return code
+
     def terminate(self, timeout: float = STOP_DEADLINE_S) -> int:
         """SIGTERM the master and return its exit code; kill it and fail if it outlives timeout."""
         if self.proc.poll() is None:

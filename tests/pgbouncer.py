@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
+from gunicorn_proc import free_port
 
 INSTALL_HINT = "pgbouncer is not installed: apt-get install pgbouncer (Debian/Ubuntu)"
 START_DEADLINE_S = 15.0
@@ -28,12 +28,6 @@ START_DEADLINE_S = 15.0
 def find_pgbouncer() -> str | None:
     """The pgbouncer binary; Debian puts it in /usr/sbin, which need not be on PATH."""
     return shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class PgBouncer:
@@ -60,7 +54,7 @@ class PgBouncer:
         assert binary, INSTALL_HINT
         self._folder = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
         self._folder.chmod(0o755)
-        self.port = _free_port()
+        self.port = free_port()
         (self._folder / "userlist.txt").write_text(f'"{self.user}" "{self.password}"\n')
         (self._folder / "pgbouncer.ini").write_text(self._config())
         as_root = os.geteuid() == 0

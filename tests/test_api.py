@@ -5,7 +5,6 @@ bad input stores nothing, a refused change changes nothing, and after a 503 the 
 """
 
 import base64
-import socket
 import time
 from datetime import datetime
 
@@ -13,6 +12,7 @@ import gevent
 import psycopg2
 import pytest
 from gevent.event import Event
+from gunicorn_proc import free_port
 
 from service import db
 from service.app import create_app
@@ -68,12 +68,6 @@ def pool_stats(app) -> dict:
         return db.current_pool().stats()
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def make_app(make_settings):
     """Apps with settings of the test's choosing, each with its own open pool."""
@@ -94,7 +88,7 @@ def make_app(make_settings):
 def unreachable_app(make_app):
     """An app whose database refuses connections (nothing listens on the port)."""
     return make_app(
-        DATABASE_URL=f"postgresql://nobody:secret@127.0.0.1:{closed_port()}/nowhere",
+        DATABASE_URL=f"postgresql://nobody:secret@127.0.0.1:{free_port()}/nowhere",
         DB_CONNECT_TIMEOUT=1,
     )
 
@@ -644,14 +638,10 @@ def test_readyz_gives_503_when_the_database_is_unreachable(unreachable_app):
     assert pool_stats(unreachable_app)["in_use"] == 0
 
 
-def test_readyz_gives_503_within_a_second_when_the_server_never_answers(make_app):
-    with socket.socket() as silent:  # accepts TCP connections and never says a word
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        port = silent.getsockname()[1]
-        app = make_app(DATABASE_URL=f"postgresql://u:p@127.0.0.1:{port}/x", DB_POOL_MIN=0)
-        started = time.monotonic()
-        response = app.test_client().get("/readyz")
-        assert time.monotonic() - started < 1 + 1
-        assert_retry_later(response, "database_unavailable")
-        assert pool_stats(app)["in_use"] == 0
+def test_readyz_gives_503_within_a_second_when_the_server_never_answers(make_app, silent_port):
+    app = make_app(DATABASE_URL=f"postgresql://u:p@127.0.0.1:{silent_port}/x", DB_POOL_MIN=0)
+    started = time.monotonic()
+    response = app.test_client().get("/readyz")
+    assert time.monotonic() - started < 1 + 1
+    assert_retry_later(response, "database_unavailable")
+    assert pool_stats(app)["in_use"] == 0

@@ -6,9 +6,9 @@ schema, and real responses match the schemas the document gives for their status
 """
 
 import re
-import socket
 
 import pytest
+from gunicorn_proc import free_port
 from openapi_schema_validator import OAS30Validator
 from openapi_schema_validator import validate as validate_instance
 from openapi_spec_validator import validate as validate_spec
@@ -136,10 +136,7 @@ def test_real_responses_match_their_documented_schemas(client, document, subtest
 
 
 def test_503_responses_match_the_documented_schema(make_settings, document):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(make_settings(DATABASE_URL=f"postgresql://u:p@127.0.0.1:{port}/x"))
+    app = create_app(make_settings(DATABASE_URL=f"postgresql://u:p@127.0.0.1:{free_port()}/x"))
     db.open_pool(app)
     try:
         client = app.test_client()
