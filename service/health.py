@@ -32,6 +32,9 @@ def readyz():
     """
     pool = current_pool()
     late = DatabaseUnavailable(f"no answer within {READY_DEADLINE_S:g} s")
-    with gevent.Timeout(READY_DEADLINE_S, late), pool.connection(READY_DEADLINE_S, autocommit=True) as db:
+    with (
+        gevent.Timeout(READY_DEADLINE_S, late),
+        pool.connection(READY_DEADLINE_S, autocommit=True) as db,
+    ):
         db.execute("SELECT 1")
     return {"status": "ok", "pool": pool.stats()}
