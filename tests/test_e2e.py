@@ -275,3 +275,15 @@ def test_a_worker_count_other_than_web_concurrency_stops_gunicorn(database_url, 
     gunicorn.env["GUNICORN_CMD_ARGS"] += " --workers 3"  # the pools would be sized for 2
     gunicorn.refused()
     assert "would run 3 workers but WEB_CONCURRENCY is 2" in gunicorn.log
+
+
+def test_a_web_concurrency_that_is_not_a_number_stops_gunicorn_naming_it(database_url, tmp_path):
+    # gunicorn parses WEB_CONCURRENCY itself, when its config module is imported, before
+    # gunicorn.conf.py can validate anything: its own traceback is the message (README).
+    gunicorn = Gunicorn(
+        database_url, tmp_path / "gunicorn.log", **{**SERVER_ENV, "WEB_CONCURRENCY": "two"}
+    )
+    gunicorn.refused()
+    assert 'os.environ.get("WEB_CONCURRENCY", 1)' in gunicorn.log
+    assert "invalid literal for int()" in gunicorn.log
+    assert psycopg2.extensions.parse_dsn(database_url)["password"] not in gunicorn.log
