@@ -11,7 +11,8 @@ to swallow the shutdown signals), and the same code runs unchanged as an ordinar
 
 Command line: `python -m service.localpg [--] COMMAND...` runs COMMAND with `DATABASE_URL`
 set. When `DATABASE_URL` is already set it runs COMMAND against that server and starts
-nothing. Ctrl-C (or SIGTERM) goes to COMMAND; the cluster is stopped after COMMAND exits.
+nothing. Either way COMMAND runs in a session of its own, and Ctrl-C (or SIGTERM) reaches it as
+one SIGTERM, gunicorn's graceful stop; the cluster is stopped after COMMAND exits.
 """
 
 from __future__ import annotations
@@ -221,9 +222,10 @@ class LocalPostgres:
 
 
 def run_with_database(command: list[str]) -> int:
-    """Run `command` with DATABASE_URL pointing at a throwaway cluster; return its exit code."""
+    """Run `command` with DATABASE_URL pointing at a throwaway cluster, or at the server that
+    DATABASE_URL already names (starting nothing); return its exit code."""
     if os.environ.get("DATABASE_URL"):
-        return subprocess.call(command)
+        return _run(command, dict(os.environ))
     try:
         server = LocalPostgres(parent=_project_folder()).start()
     except LocalPostgresError as exc:
@@ -232,15 +234,23 @@ def run_with_database(command: list[str]) -> int:
     try:
         env = {**os.environ, "DATABASE_URL": server.create_database("app")}
         print(f"localpg: throwaway PostgreSQL on 127.0.0.1:{server.port}", flush=True)
-        # The child has a session of its own, so Ctrl-C reaches only us: we turn it (and
-        # SIGTERM) into one SIGTERM, gunicorn's graceful shutdown, then stop the server.
-        child = subprocess.Popen(command, env=env, start_new_session=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
-        return child.wait()
+        return _run(command, env)
     finally:
         server.stop()
         print("localpg: throwaway PostgreSQL stopped and removed", flush=True)
+
+
+def _run(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` until it exits; Ctrl-C and SIGTERM become one SIGTERM to it.
+
+    The child has a session of its own, so a terminal's Ctrl-C reaches only us. Passed on as
+    it is, SIGINT would be gunicorn's quick shutdown, which drops requests in flight; SIGTERM
+    is its graceful one.
+    """
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    return child.wait()
 
 
 def _project_folder() -> Path | None:

@@ -1,10 +1,12 @@
 """`python -m service.localpg -- COMMAND`: the throwaway PostgreSQL behind `make run`."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import gevent
 import pytest
 
 from service import localpg
@@ -75,6 +77,54 @@ def test_without_database_url_it_runs_the_command_on_a_throwaway_server_then_rem
     assert cluster.name.startswith("localpg-")
     assert not cluster.exists()
     assert "stopped and removed" in done.stdout
+
+
+# Tells which signal ended it: exit 0 and "got SIGTERM" for gunicorn's graceful stop, exit 1
+# and "got SIGINT" for its quick one.
+REPORT_SIGNAL = (
+    "import signal, sys\n"
+    "def stop(sig, _):\n"
+    "    print('got', signal.Signals(sig).name, flush=True)\n"
+    "    sys.exit(0 if sig == signal.SIGTERM else 1)\n"
+    "signal.signal(signal.SIGINT, stop)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "print('ready', flush=True)\n"
+    "while True:\n"
+    "    signal.pause()\n"
+)
+
+
+@pytest.mark.parametrize("given_url", ["postgresql://nobody:secret@127.0.0.1:1/x", None])
+def test_ctrl_c_becomes_one_sigterm_to_the_command(given_url):
+    """A terminal's Ctrl-C sends SIGINT to its whole foreground group (make, localpg and, unless
+    it has a session of its own, gunicorn): the command must get SIGTERM, once."""
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_BINDIR")}
+    env = {**base, **({"DATABASE_URL": given_url} if given_url else {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.localpg", "--", sys.executable, "-c", REPORT_SIGNAL],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own, as a terminal gives a command
+    )
+    try:
+        lines = []
+        with gevent.Timeout(60, AssertionError(f"the command never started: {lines}")):
+            while "ready\n" not in lines:
+                line = proc.stdout.readline()
+                assert line, f"the command exited before it started: {lines}"
+                lines.append(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, [*lines, out]
+    assert out.count("got ") == 1 and "got SIGTERM" in out, out
+    if given_url is None:
+        assert "stopped and removed" in out
 
 
 def test_nothing_found_anywhere_raises_the_install_hint(tmp_path, monkeypatch):
