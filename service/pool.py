@@ -304,14 +304,20 @@ class Pool:
         }
 
     def close(self) -> None:
-        """Close every connection, lent ones included; waiters and later callers get
-        `DatabaseUnavailable`. Called when the worker exits, after in-flight requests end."""
+        """Close the idle connections; waiters and later callers get `DatabaseUnavailable`, and
+        a lent connection is closed when it comes back. Called when the worker exits.
+
+        A lent connection is left to its holder: closing it while its greenlet waits for a
+        query's answer would block the whole worker (psycopg2 holds the connection's lock across
+        the green wait), and a worker that exits before it comes back closes its socket anyway.
+        """
         self._closed = True
         while self._waiters:
             self._waiters.popleft().set()
-        if not self._connections.closed:
-            self._connections.closeall()
-        self._open = self._in_use  # closed too; each is counted off when it comes back
+        idle = self._connections._pool
+        while idle:
+            idle.pop().close()
+        self._open = self._in_use  # each is counted off when it comes back
         self._changed()
 
     def _checkout(self, timeout: float) -> PooledConnection:

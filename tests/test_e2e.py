@@ -257,6 +257,32 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
     assert "graceful timeout" not in gunicorn.log
 
 
+def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection(
+    fresh_database, tmp_path
+):
+    """SIGINT (Ctrl-C on a bare gunicorn) is gunicorn's quick stop: requests in flight are
+    dropped, and each worker closes its pool while their queries still run."""
+    in_flight = 4
+    with (
+        Gunicorn(fresh_database, tmp_path / "gunicorn.log", **SERVER_ENV) as gunicorn,
+        autocommit(fresh_database) as admin,
+    ):
+        [user_id] = seed_users(admin, 1)
+        with users_locked(fresh_database):
+            clients = [
+                gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}")
+                for _ in range(in_flight)
+            ]
+            wait_until(lambda: waiting_on_lock(admin) == in_flight, 10, "requests on the lock")
+            gunicorn.proc.send_signal(signal.SIGINT)
+            # Well before gunicorn's own timeout (30 s) would SIGKILL a worker stuck in exit.
+            code = gunicorn.proc.wait(timeout=10)
+        gevent.joinall(clients, timeout=5)
+        wait_until(lambda: not app_backends(admin), 10, "the service's connections to close")
+    assert code == 0
+    assert "SIGKILL" not in gunicorn.log
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("WEB_CONCURRENCY", "0"), ("DB_POOL_TIMEOUT", "-1"), ("DB_POOL_MAX", "many")],

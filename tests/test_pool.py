@@ -1,7 +1,11 @@
 """The pool against a real server: green waits, fair queueing, timeouts, no leaks, no churn."""
 
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import gevent
 import psycopg2
@@ -10,6 +14,8 @@ from gevent.event import Event
 from gunicorn_proc import wait_until
 
 from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def backend_pid(pool, **kwargs):
@@ -265,6 +271,65 @@ def test_a_closed_pool_refuses_checkouts(make_pool):
     pool.close()
     with pytest.raises(DatabaseUnavailable), pool.connection():
         pass
+
+
+# A worker's last moments on a quick stop (SIGINT, SIGQUIT): the pool closes while a request
+# still runs a query. Run apart, so that a worker frozen by the close fails the test instead of
+# freezing the test run.
+CLOSE_WHILE_A_QUERY_RUNS = """
+import time
+from gevent import monkey; monkey.patch_all()
+from psycogreen.gevent import patch_psycopg; patch_psycopg()
+import os
+import gevent.event
+from service.pool import Pool
+
+pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
+            statement_timeout_ms=5000, connect_timeout=5, max_lifetime=3600,
+            application_name="test-pool-close")
+running = gevent.event.Event()
+
+def slow_request():
+    with pool.connection() as cur:
+        running.set()
+        cur.execute("SELECT pg_sleep(1.5)")
+
+def quick_request():
+    with pool.connection():
+        pass
+
+quick_request()  # one idle connection besides the one lent below
+request = gevent.spawn(slow_request)
+running.wait(5)
+started = time.monotonic()
+pool.close()
+print("closed in", round(time.monotonic() - started, 3), flush=True)
+request.join(10)
+print("request", "ok" if request.successful() else repr(request.exception), flush=True)
+print("stats", pool.stats(), flush=True)
+"""
+
+
+def test_closing_the_pool_while_a_query_runs_leaves_that_connection_to_its_holder(
+    database_url, admin
+):
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_A_QUERY_RUNS],
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert float(lines["closed"].removeprefix("in ")) < 0.5  # not after the query
+    assert lines["request"] == "ok"  # it ran to its end
+    assert lines["stats"] == str({"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0})
+    admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool-close'"
+    )
+    assert admin.fetchone()[0] == 0
 
 
 def test_no_connection_churn_under_steady_load(make_pool, admin):
