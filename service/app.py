@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask
+from flask import Flask, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings, load_settings
 from service import errors, health, logs, metrics, openapi, users
@@ -21,9 +22,25 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
+    app.before_request(_refuse_long_streamed_bodies)
     logs.register(app)
     metrics.register(app)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
     return app
+
+
+def _refuse_long_streamed_bodies() -> None:
+    """413 for a body sent without Content-Length (chunked) that runs past the limit.
+
+    werkzeug refuses such a body only by its Content-Length; one without reads up to the
+    limit and stops there in silence, so the rest would be dropped and the truncated body
+    used (a JSON object followed by 1 MiB of spaces would be stored). Read it here, once
+    (cached for `get_json`), and look for one byte more.
+    """
+    if request.content_length is not None or request.method in ("GET", "HEAD"):
+        return
+    body = request.get_data(cache=True)
+    if len(body) >= MAX_BODY_BYTES and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()

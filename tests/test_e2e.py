@@ -6,6 +6,8 @@ the test is how requests are made to pile up inside the service: every request t
 connection waits on the lock with it, every other one waits for a connection.
 """
 
+import http.client
+import json
 import os
 import signal
 import time
@@ -255,6 +257,36 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
         assert [client.get(timeout=5)[0] for client in clients] == [200] * in_flight
         wait_until(lambda: not app_backends(admin), 10, "the service's connections to close")
     assert "graceful timeout" not in gunicorn.log
+
+
+def post_chunked(port: int, chunks: list[bytes]) -> tuple[int, dict]:
+    """POST /users with a body in chunks and no Content-Length, as a streaming client sends it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        conn.request("POST", "/users", body=iter(chunks), headers=headers, encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_is_read_whole_and_refused_413_past_one_mib(server, admin):
+    user = b'{"name": "Ada", "email": "ada@example.com"}'
+    assert post_chunked(server.port, [user[:10], user[10:]])[0] == 201
+
+    # Within the first MiB the body is a whole JSON object; only the bytes after it make it too
+    # long. Cut at 1 MiB, it would be stored.
+    padded = b'{"name": "Pad", "email": "pad@example.com"}'.ljust(1 << 20) + b"and more"
+    status, body = post_chunked(
+        server.port, [padded[i : i + 65536] for i in range(0, len(padded), 65536)]
+    )
+    assert (status, body["error"]["code"]) == (413, "request_entity_too_large")
+
+    exactly = b'{"name": "Max", "email": "max@example.com"}'.ljust(1 << 20)
+    assert post_chunked(server.port, [exactly])[0] == 201
+    admin.execute("SELECT name FROM users ORDER BY id")
+    assert admin.fetchall() == [("Ada",), ("Max",)]
 
 
 def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection(
