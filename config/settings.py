@@ -211,11 +211,19 @@ def _database_url(environ: Mapping[str, str]) -> str:
     url = environ.get("DATABASE_URL", "").strip()
     if url:
         try:
-            psycopg2.extensions.parse_dsn(url)
+            params = psycopg2.extensions.parse_dsn(url)
         except psycopg2.ProgrammingError:
             raise ConfigError(
                 f"DATABASE_URL={redact_dsn(url)!r} is not a valid PostgreSQL URL or DSN"
             ) from None
+        # libpq parses the port only when it connects: `host:bad` would pass as a DSN and then
+        # fail every connect, so the start would wait for a database it can never reach.
+        ports = params.get("port", "").split(",")  # one per host, as libpq allows
+        if any(port and not (port.isdigit() and 0 < int(port) < 65536) for port in ports):
+            raise ConfigError(
+                f"DATABASE_URL={redact_dsn(url)!r} has port {params['port']!r}; accepted a "
+                "number from 1 to 65535 (one per host)"
+            )
     return url
 
 

@@ -54,12 +54,21 @@ def test_web_concurrency_defaults_to_the_cpus_this_process_may_use(monkeypatch):
         ({"DB_POOL_MIN": "6", "DB_POOL_MAX": "5"}, "DB_POOL_MIN"),
         ({"WEB_CONCURRENCY": "4", "DB_POOL_MAX": "10", "DB_MAX_CONNECTIONS": "20"}, "DB_POOL_MAX"),
         ({"DATABASE_URL": "postgresql://u:hunter2@h/db?bogus=1"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:hunter2@h:bad/db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "host=h,g port=5432,70000 password=hunter2"}, "DATABASE_URL"),
     ],
 )
 def test_a_bad_value_is_refused_with_the_variable_named(env, named):
     with pytest.raises(ConfigError, match=named) as refused:
         load_settings({"WEB_CONCURRENCY": "2", **env})
     assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u@h:6432/db", "host=h,g port=5432,6432", "host=h,g port=,6432"]
+)
+def test_a_database_url_with_good_ports_is_accepted(url):
+    assert load_settings({"WEB_CONCURRENCY": "2", "DATABASE_URL": url}).database_url == url
 
 
 def test_out_of_range_message_says_what_is_accepted():
