@@ -20,6 +20,7 @@ patch_psycopg()
 import atexit  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -108,6 +109,11 @@ def on_starting(server):
 
     from service import budget, schema
 
+    # gunicorn installs its signal handlers only after this hook; until then SIGTERM and
+    # SIGINT would kill the master outright while it waits for the database, skipping the
+    # atexit handler that removes the metrics directory.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_while_starting)
     if server.cfg.workers != settings.web_concurrency:  # e.g. --workers in GUNICORN_CMD_ARGS
         raise RuntimeError(
             f"gunicorn would run {server.cfg.workers} workers but WEB_CONCURRENCY is "
@@ -124,6 +130,10 @@ def on_starting(server):
     except psycopg2.Error as exc:  # gunicorn prints a RuntimeError as one line and exits 1
         raise RuntimeError(f"schema migration failed: {exc}") from None
     server.log.info("schema: %s", ", ".join(applied) if applied else "up to date")
+
+
+def _stop_while_starting(signum, frame):
+    sys.exit(f"stopped by {signal.Signals(signum).name} while starting")
 
 
 def when_ready(server):

@@ -276,6 +276,25 @@ def test_a_metrics_dir_of_its_own_is_made_and_removed_at_exit(database_url, tmp_
     assert not made.exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_waiting_for_the_database_removes_the_metrics_dir(tmp_path, sig):
+    temp = tmp_path / "tmp"  # where the master makes its metrics dir
+    temp.mkdir()
+    nobody_listens = f"postgresql://nobody@{HOST}:{free_port()}/none"
+    gunicorn = Gunicorn(nobody_listens, tmp_path / "gunicorn.log", TMPDIR=str(temp))
+    gunicorn.start()
+    try:
+        wait_until(lambda: gunicorn.log_lines("waiting for the database"), 15, "the start to wait")
+        assert list(temp.glob("service-metrics-*"))
+        gunicorn.proc.send_signal(sig)
+        code = gunicorn.proc.wait(timeout=10)
+    finally:
+        gunicorn.terminate()
+    assert code != 0
+    assert f"stopped by {sig.name} while starting" in gunicorn.log
+    assert not list(temp.glob("service-metrics-*"))
+
+
 def test_a_given_metrics_dir_starts_from_zero_and_is_kept(database_url, tmp_path):
     given = tmp_path / "metrics"
     given.mkdir()
