@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from config import Settings, load_settings
@@ -23,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.before_request(_refuse_long_streamed_bodies)
+    app.after_request(_no_type_without_a_body)
     logs.register(app)
     metrics.register(app)
     for module in (health, users, openapi):
@@ -44,3 +45,13 @@ def _refuse_long_streamed_bodies() -> None:
     body = request.get_data(cache=True)
     if len(body) >= MAX_BODY_BYTES and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
+
+
+def _no_type_without_a_body(response: Response) -> Response:
+    """A 204, or the empty answer to OPTIONS, has no body, so it names no type: Flask would
+    call it text/html, beside an API whose every body is JSON."""
+    if response.status_code == 204 or (
+        request.method == "OPTIONS" and not response.is_streamed and not response.get_data()
+    ):
+        del response.headers["Content-Type"]
+    return response

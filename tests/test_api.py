@@ -402,12 +402,21 @@ def test_delete_gives_204_then_404(client, admin):
     response = client.delete(f"/users/{user['id']}")
     assert response.status_code == 204
     assert response.get_data() == b""
+    assert "Content-Type" not in response.headers  # no body, so no type
     assert_error(client.get(f"/users/{user['id']}"), 404, "not_found")
     assert_error(client.delete(f"/users/{user['id']}"), 404, "not_found")
     assert stored_users(admin) == [(keep["id"], "Bob", "bob@example.com")]
 
 
 # GET /users
+
+
+def test_options_answers_allow_with_no_body_and_no_type(client):
+    response = client.options("/users")
+    assert response.status_code == 200
+    assert set(response.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}
+    assert response.get_data() == b""
+    assert "Content-Type" not in response.headers
 
 
 def test_an_empty_list_has_no_next_cursor(client):
