@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from config import Settings, load_settings
 from service import errors, health, logs, metrics, openapi, users
@@ -22,10 +22,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
-    app.before_request(_refuse_long_streamed_bodies)
     app.after_request(_no_type_without_a_body)
     logs.register(app)
     metrics.register(app)
+    # After logs: a refused body still gets its request id, access line and count.
+    app.before_request(_refuse_long_streamed_bodies)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
@@ -43,7 +44,13 @@ def _refuse_long_streamed_bodies() -> None:
     if request.content_length is not None or request.method in ("GET", "HEAD"):
         return
     body = request.get_data(cache=True)
-    if len(body) >= MAX_BODY_BYTES and request.environ["wsgi.input"].read(1):
+    if len(body) < MAX_BODY_BYTES:
+        return
+    try:  # past werkzeug's wrapper: the server's own reader
+        more = request.environ["wsgi.input"].read(1)
+    except OSError:  # gunicorn's NoMoreData: the client hung up before the last chunk
+        raise ClientDisconnected() from None
+    if more:
         raise RequestEntityTooLarge()
 
 

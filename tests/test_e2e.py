@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -259,16 +260,30 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
     assert "graceful timeout" not in gunicorn.log
 
 
-def post_chunked(port: int, chunks: list[bytes]) -> tuple[int, dict]:
+def post_chunked(port: int, chunks: list[bytes], request_id: str = "") -> tuple[int, dict, dict]:
     """POST /users with a body in chunks and no Content-Length, as a streaming client sends it."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
         conn.request("POST", "/users", body=iter(chunks), headers=headers, encode_chunked=True)
         response = conn.getresponse()
-        return response.status, json.loads(response.read())
+        return response.status, dict(response.getheaders()), json.loads(response.read())
     finally:
         conn.close()
+
+
+def access_line(gunicorn: Gunicorn, request_id: str) -> dict:
+    """The access log line of one request, once it is written."""
+    found = wait_until(
+        lambda: [
+            line
+            for line in gunicorn.log_lines(f'"request_id": "{request_id}"')
+            if '"status": ' in line
+        ],
+        10,
+        f"the access line of {request_id}",
+    )
+    return json.loads(found[0])
 
 
 def test_a_chunked_body_is_read_whole_and_refused_413_past_one_mib(server, admin):
@@ -278,15 +293,30 @@ def test_a_chunked_body_is_read_whole_and_refused_413_past_one_mib(server, admin
     # Within the first MiB the body is a whole JSON object; only the bytes after it make it too
     # long. Cut at 1 MiB, it would be stored.
     padded = b'{"name": "Pad", "email": "pad@example.com"}'.ljust(1 << 20) + b"and more"
-    status, body = post_chunked(
-        server.port, [padded[i : i + 65536] for i in range(0, len(padded), 65536)]
-    )
+    chunks = [padded[i : i + 65536] for i in range(0, len(padded), 65536)]
+    status, headers, body = post_chunked(server.port, chunks, "chunked-413")
     assert (status, body["error"]["code"]) == (413, "request_entity_too_large")
+    assert headers["X-Request-ID"] == "chunked-413"  # logged and counted like any answer
+    assert access_line(server, "chunked-413")["status"] == 413
 
     exactly = b'{"name": "Max", "email": "max@example.com"}'.ljust(1 << 20)
     assert post_chunked(server.port, [exactly])[0] == 201
     admin.execute("SELECT name FROM users ORDER BY id")
     assert admin.fetchall() == [("Ada",), ("Max",)]
+
+
+def test_a_client_that_hangs_up_after_one_mib_of_chunks_is_not_a_500(server, admin):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"X-Request-ID: hangup-at-limit\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % (1 << 20)
+            + b'{"name": "Cut", "email": "cut@example.com"}'.ljust(1 << 20)
+            + b"\r\n"  # and no last chunk: the client is gone
+        )
+    assert access_line(server, "hangup-at-limit")["status"] == 400
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 0
 
 
 def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection(
