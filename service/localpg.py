@@ -241,15 +241,27 @@ def run_with_database(command: list[str]) -> int:
 
 
 def _run(command: list[str], env: dict[str, str]) -> int:
-    """Run `command` until it exits; Ctrl-C and SIGTERM become one SIGTERM to it.
+    """Run `command` until it exits; any signal that would end us becomes one SIGTERM to it.
 
-    The child has a session of its own, so a terminal's Ctrl-C reaches only us. Passed on as
-    it is, SIGINT would be gunicorn's quick shutdown, which drops requests in flight; SIGTERM
-    is its graceful one.
+    The child has a session of its own, so a terminal's Ctrl-C (or Ctrl-\\, or its closing)
+    reaches only us. Passed on as it is, SIGINT or SIGQUIT would be gunicorn's quick stop, which
+    drops requests in flight; SIGTERM is its graceful one. Left unhandled, they would end us and
+    leave gunicorn running with nobody to stop it.
     """
+    child: subprocess.Popen | None = None
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        if child is not None and not stopping:
+            child.send_signal(signal.SIGTERM)
+        stopping = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, stop)
     child = subprocess.Popen(command, env=env, start_new_session=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    if stopping:  # a signal came while it was starting
+        child.send_signal(signal.SIGTERM)
     return child.wait()
 
 

@@ -88,16 +88,38 @@ REPORT_SIGNAL = (
     "    sys.exit(0 if sig == signal.SIGTERM else 1)\n"
     "signal.signal(signal.SIGINT, stop)\n"
     "signal.signal(signal.SIGTERM, stop)\n"
-    "print('ready', flush=True)\n"
+    "import os\n"
+    "print('ready', os.getpid(), flush=True)\n"
     "while True:\n"
     "    signal.pause()\n"
 )
 
 
-@pytest.mark.parametrize("given_url", ["postgresql://nobody:secret@127.0.0.1:1/x", None])
-def test_ctrl_c_becomes_one_sigterm_to_the_command(given_url):
-    """A terminal's Ctrl-C sends SIGINT to its whole foreground group (make, localpg and, unless
-    it has a session of its own, gunicorn): the command must get SIGTERM, once."""
+ELSEWHERE = "postgresql://nobody:secret@127.0.0.1:1/x"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("given_url", "sig"),
+    [
+        (ELSEWHERE, signal.SIGINT),
+        (None, signal.SIGINT),
+        (ELSEWHERE, signal.SIGQUIT),
+        (ELSEWHERE, signal.SIGHUP),
+        (ELSEWHERE, signal.SIGTERM),
+    ],
+)
+def test_a_signal_to_the_terminal_group_becomes_one_sigterm_to_the_command(given_url, sig):
+    """A terminal sends Ctrl-C (SIGINT), Ctrl-\\ (SIGQUIT) and its closing (SIGHUP) to its whole
+    foreground group (make, localpg and, unless it has a session of its own, gunicorn): the
+    command must get SIGTERM, once, and must not outlive localpg."""
     base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_BINDIR")}
     env = {**base, **({"DATABASE_URL": given_url} if given_url else {})}
     proc = subprocess.Popen(
@@ -109,19 +131,26 @@ def test_ctrl_c_becomes_one_sigterm_to_the_command(given_url):
         start_new_session=True,  # a group of its own, as a terminal gives a command
     )
     try:
-        lines = []
+        lines, child = [], None
         with gevent.Timeout(60, AssertionError(f"the command never started: {lines}")):
-            while "ready\n" not in lines:
+            while child is None:
                 line = proc.stdout.readline()
                 assert line, f"the command exited before it started: {lines}"
                 lines.append(line)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+                if line.startswith("ready "):
+                    child = int(line.split()[1])
+        os.killpg(proc.pid, sig)
+        code = proc.wait(timeout=60)
+        orphaned = alive(child)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, [*lines, out]
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)  # its own session: killpg above cannot reach it
+    out = proc.stdout.read()
+    assert not orphaned, "the command outlived localpg"
+    assert code == 0, [*lines, out]
     assert out.count("got ") == 1 and "got SIGTERM" in out, out
     if given_url is None:
         assert "stopped and removed" in out
