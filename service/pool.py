@@ -315,9 +315,9 @@ class Pool:
         while self._waiters:
             self._waiters.popleft().set()
         idle = self._connections._pool
-        while idle:
+        while idle:  # a lent one, or one being pinged, is counted off when it comes back
             idle.pop().close()
-        self._open = self._in_use  # each is counted off when it comes back
+            self._open -= 1
         self._changed()
 
     def _checkout(self, timeout: float) -> PooledConnection:
@@ -341,8 +341,6 @@ class Pool:
     def _lend(self, timeout: float) -> PooledConnection:
         self._acquire_slot(timeout)
         try:
-            if self._closed:
-                raise DatabaseUnavailable("the connection pool is closed")
             conn = self._take()
         except BaseException:
             self._release_slot()
@@ -354,6 +352,8 @@ class Pool:
         """A live connection within its lifetime: an idle one that passes the checks below, or
         a new one. Dead, expired and closed idle connections are dropped on the way."""
         while True:
+            if self._closed:  # checked again after each ping, which may outlast the close
+                raise DatabaseUnavailable("the connection pool is closed")
             if not self._connections._pool:  # nothing idle: open one, outside the pool's lock
                 self._connections._pool.append(self._open_connection())
             conn = self._connections.getconn()  # never connects: an idle one is there

@@ -282,6 +282,7 @@ from gevent import monkey; monkey.patch_all()
 from psycogreen.gevent import patch_psycopg; patch_psycopg()
 import os
 import gevent.event
+import psycopg2
 from service.pool import Pool
 
 pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
@@ -292,18 +293,29 @@ running = gevent.event.Event()
 def slow_request():
     with pool.connection() as cur:
         running.set()
-        cur.execute("SELECT pg_sleep(1.5)")
+        cur.execute("SELECT pg_sleep(3)")
 
-def quick_request():
-    with pool.connection():
-        pass
-
-quick_request()  # one idle connection besides the one lent below
+with pool.connection(), pool.connection():  # two open: one stays idle beside the one lent below
+    pass
 request = gevent.spawn(slow_request)
 running.wait(5)
 started = time.monotonic()
 pool.close()
 print("closed in", round(time.monotonic() - started, 3), flush=True)
+# The idle connection is gone from the server, the lent one still runs its query.
+admin = psycopg2.connect(os.environ["DATABASE_URL"])
+admin.autocommit = True
+deadline = time.monotonic() + 1  # well before the query ends
+while True:
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool-close'"
+        )
+        backends = cur.fetchone()[0]
+    if backends == 1 or time.monotonic() > deadline:
+        break
+    gevent.sleep(0.02)
+print("backends", backends, "running" if not request.ready() else "done", flush=True)
 request.join(10)
 print("request", "ok" if request.successful() else repr(request.exception), flush=True)
 print("stats", pool.stats(), flush=True)
@@ -324,6 +336,8 @@ def test_closing_the_pool_while_a_query_runs_leaves_that_connection_to_its_holde
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert float(lines["closed"].removeprefix("in ")) < 0.5  # not after the query
+    # The idle one closed at once, the lent one left to its query.
+    assert lines["backends"] == "1 running"
     assert lines["request"] == "ok"  # it ran to its end
     assert lines["stats"] == str({"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0})
     admin.execute(
