@@ -218,8 +218,12 @@ def _database_url(environ: Mapping[str, str]) -> str:
             ) from None
         # libpq parses the port only when it connects: `host:bad` would pass as a DSN and then
         # fail every connect, so the start would wait for a database it can never reach.
-        ports = params.get("port", "").split(",")  # one per host, as libpq allows
-        if any(port and not (port.isdigit() and 0 < int(port) < 65536) for port in ports):
+        # One port per host, or none; "²".isdigit() is true too, hence isascii().
+        ports = [port.strip() for port in params.get("port", "").split(",")]
+        if not all(
+            not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+            for port in ports
+        ):
             raise ConfigError(
                 f"DATABASE_URL={redact_dsn(url)!r} has port {params['port']!r}; accepted a "
                 "number from 1 to 65535 (one per host)"

@@ -56,6 +56,7 @@ def test_web_concurrency_defaults_to_the_cpus_this_process_may_use(monkeypatch):
         ({"DATABASE_URL": "postgresql://u:hunter2@h/db?bogus=1"}, "DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://u:hunter2@h:bad/db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "host=h,g port=5432,70000 password=hunter2"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "host=h port=\u00b2 password=hunter2"}, "DATABASE_URL"),
     ],
 )
 def test_a_bad_value_is_refused_with_the_variable_named(env, named):
@@ -65,7 +66,13 @@ def test_a_bad_value_is_refused_with_the_variable_named(env, named):
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://u@h:6432/db", "host=h,g port=5432,6432", "host=h,g port=,6432"]
+    "url",
+    [
+        "postgresql://u@h:6432/db",
+        "host=h,g port=5432,6432",
+        "host=h,g port=,6432",
+        "host=h port='5432 '",  # libpq reads it as 5432
+    ],
 )
 def test_a_database_url_with_good_ports_is_accepted(url):
     assert load_settings({"WEB_CONCURRENCY": "2", "DATABASE_URL": url}).database_url == url
