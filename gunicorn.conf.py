@@ -109,10 +109,10 @@ def on_starting(server):
 
     from service import budget, schema
 
-    # gunicorn installs its signal handlers only after this hook; until then SIGTERM and
-    # SIGINT would kill the master outright while it waits for the database, skipping the
-    # atexit handler that removes the metrics directory.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # gunicorn installs its signal handlers only after this hook; until then a stop signal
+    # would kill the master outright while it waits for the database, skipping the atexit
+    # handler that removes the metrics directory.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(sig, _stop_while_starting)
     if server.cfg.workers != settings.web_concurrency:  # e.g. --workers in GUNICORN_CMD_ARGS
         raise RuntimeError(

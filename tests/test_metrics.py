@@ -276,7 +276,7 @@ def test_a_metrics_dir_of_its_own_is_made_and_removed_at_exit(database_url, tmp_
     assert not made.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
 def test_a_stop_while_waiting_for_the_database_removes_the_metrics_dir(tmp_path, sig):
     temp = tmp_path / "tmp"  # where the master makes its metrics dir
     temp.mkdir()
