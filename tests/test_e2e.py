@@ -229,6 +229,17 @@ def test_the_log_names_the_database_but_never_its_password(server, database_url)
     assert f"dbname={dsn['dbname']}" in line
 
 
+@contextmanager
+def requests_on_the_lock(gunicorn: Gunicorn, dsn: str, admin, n: int):
+    """`n` requests for one user, each holding a connection while `users` is locked; yields
+    their greenlets once all of them wait on the lock, and releases it on exit."""
+    [user_id] = seed_users(admin, 1)
+    with users_locked(dsn):
+        clients = [gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}") for _ in range(n)]
+        wait_until(lambda: waiting_on_lock(admin) == n, 10, "requests on the lock")
+        yield clients
+
+
 def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_database, tmp_path):
     in_flight = 10
     # A pool as large as the requests in flight, so all of them hold a connection on the lock.
@@ -237,13 +248,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
         Gunicorn(fresh_database, tmp_path / "gunicorn.log", **env) as gunicorn,
         autocommit(fresh_database) as admin,
     ):
-        [user_id] = seed_users(admin, 1)
-        with users_locked(fresh_database):
-            clients = [
-                gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}")
-                for _ in range(in_flight)
-            ]
-            wait_until(lambda: waiting_on_lock(admin) == in_flight, 10, "requests on the lock")
+        with requests_on_the_lock(gunicorn, fresh_database, admin, in_flight) as clients:
             gunicorn.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             wait_until(lambda: refuses_connections(gunicorn.port), 10, "the listeners to close")
@@ -329,13 +334,7 @@ def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection
         Gunicorn(fresh_database, tmp_path / "gunicorn.log", **SERVER_ENV) as gunicorn,
         autocommit(fresh_database) as admin,
     ):
-        [user_id] = seed_users(admin, 1)
-        with users_locked(fresh_database):
-            clients = [
-                gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}")
-                for _ in range(in_flight)
-            ]
-            wait_until(lambda: waiting_on_lock(admin) == in_flight, 10, "requests on the lock")
+        with requests_on_the_lock(gunicorn, fresh_database, admin, in_flight) as clients:
             gunicorn.proc.send_signal(signal.SIGINT)
             # Well before gunicorn's own timeout (30 s) would SIGKILL a worker stuck in exit.
             code = gunicorn.proc.wait(timeout=10)
