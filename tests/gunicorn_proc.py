@@ -88,6 +88,15 @@ def call(
         conn.close()
 
 
+def access_lines(lines: list[dict], request_id: str | None = None) -> list[dict]:
+    """The service's access log lines among decoded JSON log lines (of one request)."""
+    return [
+        line
+        for line in lines
+        if line["logger"] == "service.access" and request_id in (None, line["request_id"])
+    ]
+
+
 def refuses_connections(port: int) -> bool:
     """True once nothing listens on the port any more."""
     try:

@@ -21,7 +21,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from gevent.event import Event
-from gunicorn_proc import Gunicorn, call, refuses_connections, wait_until
+from gunicorn_proc import HOST, Gunicorn, access_lines, call, refuses_connections, wait_until
 from pgutil import Sampler, autocommit
 
 WORKERS = 2
@@ -267,7 +267,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
 
 def post_chunked(port: int, chunks: list[bytes], request_id: str = "") -> tuple[int, dict, dict]:
     """POST /users with a body in chunks and no Content-Length, as a streaming client sends it."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
     try:
         headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
         conn.request("POST", "/users", body=iter(chunks), headers=headers, encode_chunked=True)
@@ -280,15 +280,12 @@ def post_chunked(port: int, chunks: list[bytes], request_id: str = "") -> tuple[
 def access_line(gunicorn: Gunicorn, request_id: str) -> dict:
     """The access log line of one request, once it is written."""
     found = wait_until(
-        lambda: [
-            line
-            for line in gunicorn.log_lines(f'"request_id": "{request_id}"')
-            if '"status": ' in line
-        ],
+        lambda: access_lines([json.loads(line) for line in gunicorn.log_lines(request_id)]),
         10,
         f"the access line of {request_id}",
     )
-    return json.loads(found[0])
+    [line] = access_lines(found, request_id)
+    return line
 
 
 def test_a_chunked_body_is_read_whole_and_refused_413_past_one_mib(server, admin):
@@ -311,7 +308,7 @@ def test_a_chunked_body_is_read_whole_and_refused_413_past_one_mib(server, admin
 
 
 def test_a_client_that_hangs_up_after_one_mib_of_chunks_is_not_a_500(server, admin):
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
         sock.sendall(
             b"POST /users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             b"X-Request-ID: hangup-at-limit\r\nTransfer-Encoding: chunked\r\n\r\n"

@@ -15,12 +15,17 @@ from service.localpg import LocalPostgresError, find_bindir
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_localpg(command: list[str], timeout: float = 120, **env: str):
+def localpg_env(**env: str) -> dict[str, str]:
+    """This environment without a database or binaries of its own, plus `env`."""
     base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_BINDIR")}
+    return {**base, **env}
+
+
+def run_localpg(command: list[str], timeout: float = 120, **env: str):
     return subprocess.run(
         [sys.executable, "-m", "service.localpg", "--", *command],
         cwd=REPO,
-        env={**base, **env},
+        env=localpg_env(**env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -120,8 +125,7 @@ def test_a_signal_to_the_terminal_group_becomes_one_sigterm_to_the_command(given
     """A terminal sends Ctrl-C (SIGINT), Ctrl-\\ (SIGQUIT) and its closing (SIGHUP) to its whole
     foreground group (make, localpg and, unless it has a session of its own, gunicorn): the
     command must get SIGTERM, once, and must not outlive localpg."""
-    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PG_BINDIR")}
-    env = {**base, **({"DATABASE_URL": given_url} if given_url else {})}
+    env = localpg_env(**({"DATABASE_URL": given_url} if given_url else {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.localpg", "--", sys.executable, "-c", REPORT_SIGNAL],
         cwd=REPO,

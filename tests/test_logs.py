@@ -16,7 +16,7 @@ import gevent
 import psycopg2
 import psycopg2.extensions
 import pytest
-from gunicorn_proc import HOST, Gunicorn, free_port, wait_until
+from gunicorn_proc import HOST, Gunicorn, access_lines, free_port, wait_until
 
 from service import db
 from service.app import create_app
@@ -41,14 +41,6 @@ def log_lines():
     yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-def access_lines(lines: list[dict], request_id: str | None = None) -> list[dict]:
-    return [
-        line
-        for line in lines
-        if line["logger"] == "service.access" and request_id in (None, line["request_id"])
-    ]
 
 
 def seed_user(cur) -> int:
