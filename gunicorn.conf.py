@@ -50,7 +50,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 wsgi_app = "service.app:create_app()"
-worker_class = "gevent"
+# gunicorn's gevent worker, accepting new connections in batches: see service/worker.py.
+worker_class = "service.worker.GeventWorker"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
 worker_connections = settings.worker_connections

@@ -218,6 +218,12 @@ def test_each_worker_opens_and_owns_its_own_pool(server, admin):
     assert admin.fetchone()[0] == 0
 
 
+def test_the_workers_are_the_batch_accepting_gevent_worker(server):
+    """service/worker.py; tests/test_worker.py shows what it changes."""
+    assert server.log_lines("Using worker: service.worker.GeventWorker")
+    assert len(server.log_lines("Booting worker")) == WORKERS
+
+
 def test_the_log_names_the_database_but_never_its_password(server, database_url):
     dsn = psycopg2.extensions.parse_dsn(database_url)
     assert dsn.get("password"), "this test needs a database URL with a password"
