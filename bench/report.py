@@ -152,13 +152,13 @@ def before_after(run: Run) -> str:
 def _most_served(cells: list[Cell]) -> str:
     if not cells:
         return "not measured"
-    clean = [c.concurrency for c in cells if served_all(c)]
-    failed = [c.concurrency for c in cells if not served_all(c)]
-    if not clean:
-        return f"none of the levels tried (errors or clients unanswered from {min(failed):,})"
-    best = max(clean)
+    served = [c.concurrency for c in cells if served_all(c)]
+    unserved = [c.concurrency for c in cells if not served_all(c)]
+    if not served:
+        return f"none of the levels tried (errors or clients unanswered from {min(unserved):,})"
+    best = max(served)
     p99_s = next(c.p99_ms for c in cells if c.concurrency == best) / 1000
-    more = [level for level in failed if level > best]
+    more = [level for level in unserved if level > best]
     tail = f"; errors or clients unanswered at {min(more):,}" if more else " (the most tried)"
     return f"{best:,} (p99 {p99_s:.1f} s){tail}"
 

@@ -47,6 +47,7 @@ def turns_of_each_accept(server_class: type[StreamServer]) -> list[int]:
         wait_until(lambda: len(accepted_in) == BURST, 10, f"{BURST} connections accepted")
     finally:
         server.stop()
+        listener.close()
         counter.close()
         for client in clients:
             client.close()
