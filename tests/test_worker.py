@@ -1,32 +1,38 @@
-"""The worker's listener accepts a burst of waiting connections in one turn of the event loop.
+"""How many waiting connections the worker's listener accepts in one turn of the event loop.
 
-Real sockets on 127.0.0.1 and gevent's real loop: clients connect before the server starts, so
-their connections wait in the kernel's accept queue, and a check watcher counts the loop's
-turns while the server accepts them. gunicorn sets `max_accept = 1` on every listener when it
-runs more than one worker; the tests set it the same way.
+Real sockets on 127.0.0.1 and gevent's real loop: a burst of clients connects while the
+server is busy elsewhere, so their connections wait in the kernel's accept queue, and a check
+watcher counts the loop's turns while the server accepts them. gunicorn sets `max_accept = 1`
+on every listener when it runs more than one worker; the tests set it the same way.
 """
 
 import socket
 
 import gevent
+from gevent.event import Event
+from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn_proc import HOST, wait_until
 
-from service.worker import BatchAcceptingServer
+from service.worker import CONNECTIONS_PER_ACCEPT, BatchAcceptingServer
 
 BURST = 50
+HELD = 200  # connections a busy worker already serves
 
 
-def turns_of_each_accept(server_class: type[StreamServer]) -> list[int]:
-    """Accept a burst of BURST waiting connections with `server_class` limited as gunicorn
-    limits it; the loop turn in which each connection was accepted."""
+def turns_of_each_accept(
+    server_class: type[StreamServer], held: int, burst: int = BURST
+) -> list[int]:
+    """With `held` connections open and served, accept a burst of `burst` more with
+    `server_class` limited as gunicorn limits it; the loop turn in which each was accepted."""
     turn = 0
     accepted_in: list[int] = []
+    release = Event()
 
     class Recording(server_class):
         def do_read(self):
             accepted = super().do_read()
-            if accepted:
+            if accepted and len(self.pool) >= held:
                 accepted_in.append(turn)
             return accepted
 
@@ -34,18 +40,28 @@ def turns_of_each_accept(server_class: type[StreamServer]) -> list[int]:
         nonlocal turn
         turn += 1
 
+    def serve(conn, address):
+        release.wait()
+        conn.close()
+
     listener = socket.socket()
     listener.bind((HOST, 0))
-    listener.listen(BURST * 2)
-    clients = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(BURST)]
+    listener.listen(HELD + BURST)
+    server = Recording(listener, handle=serve, spawn=Pool(held + burst))
+    server.max_accept = 1  # what gunicorn's GeventWorker.run() does when workers > 1
     counter = gevent.get_hub().loop.check()
     counter.start(count_turn)
-    server = Recording(listener, handle=lambda conn, address: conn.close())
-    server.max_accept = 1  # what gunicorn's GeventWorker.run() does when workers > 1
+    clients = []
     try:
         server.start()
-        wait_until(lambda: len(accepted_in) == BURST, 10, f"{BURST} connections accepted")
+        clients += [socket.create_connection(listener.getsockname()) for _ in range(held)]
+        wait_until(lambda: len(server.pool) == held, 10, f"{held} connections held")
+        server.stop_accepting()  # the burst queues up meanwhile, as behind a busy loop
+        clients += [socket.create_connection(listener.getsockname()) for _ in range(burst)]
+        server.start_accepting()
+        wait_until(lambda: len(server.pool) == held + burst, 10, f"{burst} more accepted")
     finally:
+        release.set()
         server.stop()
         listener.close()
         counter.close()
@@ -54,14 +70,23 @@ def turns_of_each_accept(server_class: type[StreamServer]) -> list[int]:
     return accepted_in
 
 
-def test_a_burst_of_waiting_connections_is_accepted_in_one_loop_turn():
-    turns = turns_of_each_accept(BatchAcceptingServer)
+def test_a_busy_worker_accepts_a_burst_in_a_few_turns():
+    turns = turns_of_each_accept(BatchAcceptingServer, held=HELD)
 
-    assert len(set(turns)) == 1, f"accepted over {len(set(turns))} turns"
+    # One per turn, plus one for each CONNECTIONS_PER_ACCEPT held: 21, 23, then the rest.
+    assert 1 + HELD // CONNECTIONS_PER_ACCEPT == 21
+    assert len(set(turns)) <= 3, f"accepted over {len(set(turns))} turns"
 
 
-def test_gevents_server_as_gunicorn_limits_it_accepts_one_connection_per_turn():
-    """The problem the worker solves: the same burst takes as many turns as connections."""
-    turns = turns_of_each_accept(StreamServer)
+def test_an_idle_worker_accepts_one_connection_per_turn_as_gunicorn_does():
+    """So that a burst reaching idle workers is shared between them."""
+    turns = turns_of_each_accept(BatchAcceptingServer, held=0, burst=CONNECTIONS_PER_ACCEPT)
+
+    assert len(set(turns)) == CONNECTIONS_PER_ACCEPT
+
+
+def test_gevents_server_as_gunicorn_limits_it_accepts_one_per_turn_however_busy():
+    """The problem the worker solves: behind 200 connections, the burst takes 50 turns."""
+    turns = turns_of_each_accept(StreamServer, held=HELD)
 
     assert len(set(turns)) == BURST
