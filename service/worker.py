@@ -10,12 +10,13 @@ clients and more, although nothing inside the worker waited that long.
 
 This worker scales the limit with the connections it holds: one more connection per turn for
 every `CONNECTIONS_PER_ACCEPT` it serves, up to gevent's own limit of `ACCEPT_BATCH`. A turn
-lasts about as long as the worker has ready connections to serve, so a busy worker accepts at
-about the same rate per second as an idle one, which keeps a burst of new connections from
-waiting turn after turn; and a worker that holds few connections still accepts one per turn,
-as gunicorn does, so that a burst arriving at idle workers is shared between them rather than
-taken whole by the first one awake (with gevent's flat limit of 100, one of two idle workers
-took 15 or 16 of a burst of 16 connections in 19 of 150 bursts; gunicorn's limit: never).
+lasts as long as serving the worker's ready connections takes, which grows with the
+connections it holds; a batch that grows with them keeps its accepts per second from falling
+as it gets busier, and a burst of new connections from waiting turn after turn. A worker
+that holds few connections still accepts one per turn, as gunicorn does, so that a burst
+arriving at idle workers is shared between them rather than taken whole by the first one
+awake (with gevent's flat limit of 100, one of two idle workers took 15 or 16 of a burst of
+16 connections in 19 of 150 bursts; with gunicorn's limit, never).
 """
 
 from __future__ import annotations
