@@ -152,8 +152,8 @@ def before_after(run: Run) -> str:
 def _most_served(cells: list[Cell]) -> str:
     if not cells:
         return "not measured"
-    served = [c.concurrency for c in cells if served_all(c)]
-    unserved = [c.concurrency for c in cells if not served_all(c)]
+    served = [c.concurrency for c in cells if counts_as_served(c)]
+    unserved = [c.concurrency for c in cells if not counts_as_served(c)]
     if not served:
         return f"none of the levels tried (errors or clients unanswered from {min(unserved):,})"
     best = max(served)
@@ -163,10 +163,11 @@ def _most_served(cells: list[Cell]) -> str:
     return f"{best:,} (p99 {p99_s:.1f} s){tail}"
 
 
-def served_all(cell: Cell) -> bool:
-    """No error, and at least as many answers as clients. wrk counts a request as an error only
-    after its 30 s timeout: a level where most clients got no answer within the run has no
-    error, and served nobody."""
+def counts_as_served(cell: Cell) -> bool:
+    """No error, and at least as many answers as clients (wrk does not count answers per
+    connection, so this is what it can show of every client being answered). wrk counts a
+    request as a timeout only after 30 s, longer than a run: clients left without an answer
+    show as no error at all."""
     return cell.clean and cell.requests >= cell.concurrency
 
 

@@ -170,7 +170,9 @@ def test_a_saved_run_renders_the_same_after_loading(tmp_path):
 
 def test_a_level_where_clients_got_no_answer_is_not_served():
     starved = _cell("per-request", 10_000, 13, requests=195)
-    assert starved.clean and not report.served_all(starved)
-    assert report.served_all(_cell("per-request", 500, 167, requests=2505))
+    assert starved.clean and not report.counts_as_served(starved)
+    assert report.counts_as_served(_cell("per-request", 500, 167, requests=500))
+    assert not report.counts_as_served(_cell("per-request", 500, 167, requests=499))
+    assert not report.counts_as_served(_cell("per-request", 500, 167, requests=9_000, non_2xx=1))
     table = report.before_after(_run(_cell("per-request", 500, 167, requests=2505), starved))
     assert "500 (p99" in table and "unanswered at 10,000" in table

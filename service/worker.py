@@ -17,12 +17,19 @@ that holds few connections still accepts one per turn, as gunicorn does, so that
 arriving at idle workers is shared between them rather than taken whole by the first one
 awake (with gevent's flat limit of 100, one of two idle workers took 15 or 16 of a burst of
 16 connections in 19 of 150 bursts; with gunicorn's limit, never).
+
+gunicorn's master imports this module to learn the worker class, so a reload (`kill -HUP`)
+keeps the version it has; a restart picks up a change here.
 """
 
 from __future__ import annotations
 
+import logging
+
 from gevent.server import StreamServer
 from gunicorn.workers import ggevent
+
+log = logging.getLogger(__name__)
 
 # gevent's default for StreamServer.max_accept: the most accepted in one turn. The accept loop
 # also stops at an empty queue and when the worker holds worker_connections connections.
@@ -43,6 +50,19 @@ class BatchAcceptingServer(StreamServer):
     @max_accept.setter
     def max_accept(self, value: int) -> None:
         pass  # gunicorn's per-instance limit; see the module's docstring
+
+    def start(self) -> None:
+        super().start()
+        # Says that gunicorn built this class: were a gunicorn release to stop building its
+        # servers from `ggevent.StreamServer`, the line would be missing (tests/test_e2e.py).
+        address = self.address  # (host, port, ...) for TCP, a path for a Unix socket
+        where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else address
+        log.info(
+            "accepting 1 connection per loop turn, plus 1 per %d held, up to %d, on %s",
+            CONNECTIONS_PER_ACCEPT,
+            ACCEPT_BATCH,
+            where,
+        )
 
 
 class GeventWorker(ggevent.GeventWorker):
