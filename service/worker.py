@@ -15,8 +15,9 @@ connections it holds; a batch that grows with them keeps its accepts per second 
 as it gets busier, and a burst of new connections from waiting turn after turn. A worker
 that holds few connections still accepts one per turn, as gunicorn does, so that a burst
 arriving at idle workers is shared between them rather than taken whole by the first one
-awake (with gevent's flat limit of 100, one of two idle workers took 15 or 16 of a burst of
-16 connections in 19 of 150 bursts; with gunicorn's limit, never).
+awake. Of 150 bursts of 16 connections into two idle workers, one worker took 15 or 16 in 19
+with gevent's flat limit of 100, in 0-1 with gunicorn's, in 2-3 with this one (the OS decides
+which worker wakes first, and one holding 10 connections accepts 2 per turn).
 
 gunicorn's master imports this module to learn the worker class, so a reload (`kill -HUP`)
 keeps the version it has; a restart picks up a change here.
