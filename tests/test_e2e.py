@@ -221,9 +221,8 @@ def test_each_worker_opens_and_owns_its_own_pool(server, admin):
 def test_the_workers_are_the_batch_accepting_gevent_worker(server):
     """service/worker.py; tests/test_worker.py shows what it changes."""
     assert server.log_lines("Using worker: service.worker.GeventWorker")
-    assert (
-        len(server.log_lines("connection per loop turn, plus 1 per")) == WORKERS
-    )  # one per listener
+    # Logged by each worker's server as it starts: gunicorn built service.worker's class.
+    assert len(server.log_lines("connection per loop turn, plus 1 per")) == WORKERS
 
 
 def test_the_log_names_the_database_but_never_its_password(server, database_url):

@@ -5,17 +5,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import gevent
 import psycopg2
 import pytest
 from gevent.event import Event
-from gunicorn_proc import wait_until
+from gunicorn_proc import REPO, wait_until
 
 from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def backend_pid(pool, **kwargs):

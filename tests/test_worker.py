@@ -46,7 +46,7 @@ def turns_of_each_accept(
 
     listener = socket.socket()
     listener.bind((HOST, 0))
-    listener.listen(HELD + BURST)
+    listener.listen(held + burst)
     server = Recording(listener, handle=serve, spawn=Pool(held + burst))
     server.max_accept = 1  # what gunicorn's GeventWorker.run() does when workers > 1
     counter = gevent.get_hub().loop.check()
