@@ -1,4 +1,7 @@
-"""The gunicorn worker: gunicorn's gevent worker, accepting new connections in batches.
+"""The gunicorn worker: gunicorn's gevent worker, accepting new connections in batches and
+sending each response's head together with its body.
+
+Accepting in batches
 
 With more than one worker, gunicorn's gevent worker accepts one connection per turn of the
 event loop (benoitc/gunicorn#2266), so that a worker busy with CPU-bound requests leaves new
@@ -19,6 +22,18 @@ awake. Of 150 bursts of 16 connections into two idle workers, one worker took 15
 with gevent's flat limit of 100, in 0-1 with gunicorn's, in 2-3 with this one (the OS decides
 which worker wakes first, and one holding 10 connections accepts 2 per turn).
 
+One send per response
+
+gunicorn writes a response's head and its body in two `sendall` calls. With TCP_NODELAY (which
+gunicorn sets) each becomes a packet of its own, so every small JSON answer cost two sends, two
+packets and two wake-ups of the client, where one would do. `OneSendResponse` holds the head
+and sends it with the first body bytes (or alone, when the response ends without a body), with
+one `send()` where gevent's `sendall()` also asks the socket for its buffer size each time.
+On this machine (2 cores shared by wrk, gunicorn and PostgreSQL, 500 connections, medians of
+alternating runs), `/healthz` took 0.50 instead of 0.59 ms of server CPU per request (4 runs
+each) and answered 3,455 instead of 3,202 requests/s; `GET /users/<id>` was unchanged within
+the noise (0.931 against 0.937 ms, 1,711 against 1,690 requests/s, 12 runs each).
+
 gunicorn's master imports this module to learn the worker class, so a reload (`kill -HUP`)
 keeps the version it has; a restart picks up a change here.
 """
@@ -28,6 +43,7 @@ from __future__ import annotations
 import logging
 
 from gevent.server import StreamServer
+from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
 log = logging.getLogger(__name__)
@@ -36,6 +52,9 @@ log = logging.getLogger(__name__)
 # also stops at an empty queue and when the worker holds worker_connections connections.
 ACCEPT_BATCH = 100
 CONNECTIONS_PER_ACCEPT = 10
+# A body up to this size is copied behind the head and sent with it; a larger one is sent after
+# the head, where the copy would cost more than the second send saves.
+HEAD_WITH_BODY_MAX = 64 * 1024
 
 
 class BatchAcceptingServer(StreamServer):
@@ -66,12 +85,72 @@ class BatchAcceptingServer(StreamServer):
         )
 
 
+class _HeadHoldingSocket:
+    """A connection's socket as one response writes to it: the first write, which is always
+    the response's head, is held and sent with the next one, or by `flush()`."""
+
+    __slots__ = ("_head", "_sock", "_started")
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._head: bytes | None = None
+        self._started = False
+
+    def sendall(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            self._head = data
+            return
+        head, self._head = self._head, None
+        if head is not None:
+            if len(data) <= HEAD_WITH_BODY_MAX:
+                data = head + data
+            else:
+                self._send(head)
+        self._send(data)
+
+    def flush(self) -> None:
+        """Send the head if it is still held: the response ended without a body."""
+        head, self._head = self._head, None
+        if head is not None:
+            self._send(head)
+
+    def sendfile(self, *args, **kwargs):
+        self.flush()
+        return self._sock.sendfile(*args, **kwargs)
+
+    def _send(self, data: bytes) -> None:
+        # One send() is enough for a small answer; gevent's sendall() costs a getsockopt() and
+        # a loop more each time.
+        sent = self._sock.send(data)
+        if sent < len(data):
+            self._sock.sendall(memoryview(data)[sent:])
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class OneSendResponse(wsgi.Response):
+    """gunicorn's HTTP/1 response, its head sent together with its body's first bytes."""
+
+    def __init__(self, req, sock, cfg, *args) -> None:
+        super().__init__(req, _HeadHoldingSocket(sock), cfg, *args)
+
+    def close(self) -> None:
+        super().close()
+        self.sock.flush()
+
+
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker (patching, graceful stop, keep-alive, its HTTP parser, all of it
-    unchanged), whose listeners are `BatchAcceptingServer`s."""
+    unchanged), whose listeners are `BatchAcceptingServer`s and whose responses are
+    `OneSendResponse`s."""
 
     def run(self) -> None:
-        # gunicorn's run() builds each listener's server from this module-level name; the
-        # worker process runs nothing else, so replacing it here changes this worker only.
+        # gunicorn's run() builds each listener's server from this module-level name, and
+        # gunicorn.http.wsgi.create() each HTTP/1 response from `wsgi.Response`; the worker
+        # process runs nothing else, so replacing them here changes this worker only.
         ggevent.StreamServer = BatchAcceptingServer
+        wsgi.Response = OneSendResponse  # tests/test_worker.py checks that create() uses it
+        log.info("responses: each head sent together with its body")
         super().run()
