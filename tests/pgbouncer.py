@@ -33,13 +33,20 @@ def find_pgbouncer() -> str | None:
 class PgBouncer:
     """One PgBouncer: at most `pool_size` server connections per database and user."""
 
-    def __init__(self, server_dsn: str, pool_size: int, max_client_conn: int = 200):
+    def __init__(
+        self,
+        server_dsn: str,
+        pool_size: int,
+        max_client_conn: int = 200,
+        ignore_startup_parameters: str = "",
+    ):
         params = psycopg2.extensions.parse_dsn(server_dsn)
         self.user = params.get("user", "postgres")
         self.password = params.get("password", "")
         self._server = (params.get("host", "127.0.0.1"), params.get("port", "5432"))
         self.pool_size = pool_size
         self.max_client_conn = max_client_conn
+        self.ignore_startup_parameters = ignore_startup_parameters
         self.port = 0
         self._folder: Path | None = None
         self._proc: subprocess.Popen | None = None
@@ -92,6 +99,7 @@ max_db_connections = {self.pool_size}
 min_pool_size = 0
 reserve_pool_size = 0
 max_client_conn = {self.max_client_conn}
+ignore_startup_parameters = {self.ignore_startup_parameters}
 """
 
     def show(self, what: str) -> list[dict]:

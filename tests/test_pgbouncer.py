@@ -4,7 +4,8 @@ The instances start together against an empty database, so their migrations (one
 under a transaction-scoped advisory lock) race each other through PgBouncer. Then 300 mixed
 requests spread over them: the service's 24 pooled connections (3 instances x 2 workers x 4)
 end at PgBouncer, which lends them POOL_SIZE server connections, never more. A query stalled
-behind a lock still ends at the statement timeout: `SET LOCAL` travels with its transaction.
+behind a lock still ends at the statement timeout: `SET LOCAL` travels with its transaction,
+also behind a PgBouncer that drops the timeout's startup option in silence.
 """
 
 import http.client
@@ -23,6 +24,7 @@ from pgbouncer import INSTALL_HINT, PgBouncer, find_pgbouncer
 from pgutil import Sampler, autocommit, fresh_database
 
 from service.budget import read_limits
+from service.pool import Pool, StatementTimeout
 
 POOL_SIZE = 6  # PgBouncer's server connections for the service's database
 INSTANCES = 3
@@ -174,7 +176,13 @@ def test_a_stalled_query_ends_at_the_statement_timeout_through_pgbouncer(
     assert STATEMENT_TIMEOUT_MS / 1000 <= elapsed < STATEMENT_TIMEOUT_MS / 1000 + 0.8
     assert get_with_headers(port, "/users")[0] == 200  # lock gone: served again
 
-    # SET LOCAL ended with its transaction: every server connection kept the default.
+    # PgBouncer refused the timeout as a startup option, so the pools set it with SET LOCAL
+    # (service/pool.py), which ended with its transaction: every server connection kept the
+    # default.
+    for instance in instances:
+        refused = instance.log_lines("statement timeout: SET LOCAL in every transaction")
+        workers = int(INSTANCE_ENV["WEB_CONCURRENCY"])
+        assert len(refused) == workers and "unsupported startup parameter" in refused[0]
     dbname = psycopg2.extensions.parse_dsn(server_database)["dbname"]
     holders = [psycopg2.connect(bouncer.dsn(dbname)) for _ in range(POOL_SIZE)]
     try:
@@ -187,3 +195,31 @@ def test_a_stalled_query_ends_at_the_statement_timeout_through_pgbouncer(
     finally:
         for conn in holders:
             conn.close()
+
+
+def test_a_pgbouncer_that_drops_the_startup_option_still_gets_the_timeout_with_every_query(
+    database_url, server_database
+):
+    """`ignore_startup_parameters = options` accepts the option and drops it: the pool must see
+    that the server never set the timeout, and send SET LOCAL with every statement."""
+    dbname = psycopg2.extensions.parse_dsn(server_database)["dbname"]
+    with PgBouncer(database_url, pool_size=2, ignore_startup_parameters="options") as dropping:
+        pool = Pool(
+            dropping.dsn(dbname),
+            min_size=0,
+            max_size=2,
+            timeout=5,
+            statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+            connect_timeout=5,
+            max_lifetime=3600,
+        )
+        try:
+            with pool.connection(autocommit=True) as db:
+                db.execute("SELECT current_setting('statement_timeout') AS t")
+                assert db.fetchone() == {"t": f"{STATEMENT_TIMEOUT_MS}ms"}
+            started = time.monotonic()
+            with pytest.raises(StatementTimeout), pool.connection(autocommit=True) as db:
+                db.execute("SELECT pg_sleep(5)")
+            assert time.monotonic() - started < STATEMENT_TIMEOUT_MS / 1000 + 0.8
+        finally:
+            pool.close()

@@ -8,6 +8,7 @@ import time
 
 import gevent
 import psycopg2
+import psycopg2.extensions
 import pytest
 from gevent.event import Event
 from gunicorn_proc import REPO, wait_until
@@ -94,6 +95,48 @@ def test_in_autocommit_every_statement_has_the_timeout_and_commits_alone(make_po
         db.execute("SELECT pg_sleep(5)")
     assert time.monotonic() - started < 2
     assert pool.stats()["in_use"] == 0
+
+
+def running_query(admin, application_name: str) -> str:
+    """The text the server received for the statement a pool's connection is running."""
+    admin.execute(
+        "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
+        (application_name,),
+    )
+    rows = admin.fetchall()
+    return rows[0][0] if rows else ""
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_a_direct_connection_starts_with_the_timeout_and_sends_statements_as_they_are(
+    make_pool, admin, autocommit
+):
+    """The timeout is a startup option, so no SET LOCAL travels with each statement."""
+    pool = make_pool(statement_timeout_ms=2500)
+    with pool.connection(autocommit=autocommit) as db:
+        db.execute("SELECT setting, source FROM pg_settings WHERE name = 'statement_timeout'")
+        assert db.fetchone() == {"setting": "2500", "source": "client"}
+
+    sleeper = gevent.spawn(backend_pid_after_nap, pool, autocommit)
+    wait_until(lambda: running_query(admin, "test-pool"), 5, "the nap to run")
+    expected = "SELECT pg_sleep(0.5)" if autocommit else "BEGIN; SELECT pg_sleep(0.5)"
+    assert running_query(admin, "test-pool") == expected
+    sleeper.get(timeout=5)
+
+
+def backend_pid_after_nap(pool, autocommit):
+    with pool.connection(autocommit=autocommit) as db:
+        db.execute("SELECT pg_sleep(0.5)")
+
+
+def test_the_database_urls_own_options_are_kept_beside_the_timeout(make_pool, database_url):
+    dsn = psycopg2.extensions.make_dsn(database_url, options="-c work_mem=7MB")
+    pool = make_pool(dsn, statement_timeout_ms=2500)
+    with pool.connection(autocommit=True) as db:
+        db.execute(
+            "SELECT current_setting('work_mem') AS w, current_setting('statement_timeout') AS t"
+        )
+        assert db.fetchone() == {"w": "7MB", "t": "2500ms"}
 
 
 def test_a_query_that_fails_to_format_still_runs_in_the_transaction(make_pool):
@@ -280,6 +323,7 @@ from psycogreen.gevent import patch_psycopg; patch_psycopg()
 import os
 import gevent.event
 import psycopg2
+import psycopg2.extensions
 from service.pool import Pool
 
 pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
