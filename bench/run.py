@@ -1,8 +1,12 @@
-"""`python -m bench.run`: every variant at every concurrency level, one after another.
+"""`python -m bench.run`: every variant at every concurrency level, level by level.
 
-Starts a throwaway PostgreSQL with seeded users, measures what a connection costs against a
-pooled checkout, then for each HTTP variant starts its gunicorn, warms it up and runs wrk at
-each level while sampling the server connections; the database variant runs pgbench instead.
+Starts a throwaway PostgreSQL with seeded users and measures what a connection costs against a
+pooled checkout. Then, at each concurrency level in turn, it measures every variant: an HTTP
+variant on a gunicorn started for that level, warmed up, then loaded with wrk while the server
+connections are sampled; the database variant with pgbench. Level by level, so that the
+variants a ratio compares run within a minute or two of each other: this machine's speed drifts
+by up to 25% over minutes, and measured variant by variant (all levels of one, then the next),
+a slow spell fell on one variant's whole row and moved every ratio with it.
 Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the seed's
 "Before vs After" table and the goals. Installs nothing: `make bench` installs wrk.
 """
@@ -79,15 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         run.connect_times = connect_time.measure(dsn)
         logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         run.logs_folder = str(logs)
-        for name in args.variants:
-            try:
-                if name == "database":
-                    _run_pgbench(server, sampler, args, run.cells)
-                else:
-                    _run_http(name, dsn, server.pid, sampler, args, logs, run)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                print(f"bench: {name} failed, going on without it: {exc}", file=sys.stderr)
-                failed.append(name)
+        for level in args.levels:
+            for name in args.variants:
+                if name in failed:
+                    continue
+                try:
+                    if name == "database":
+                        _run_pgbench(server, sampler, args, level, run.cells)
+                    else:
+                        _run_http(name, level, dsn, server.pid, sampler, args, logs, run)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"bench: {name} failed, going on without it: {exc}", file=sys.stderr)
+                    failed.append(name)
     finally:
         if sampler is not None:
             sampler.close()
@@ -207,8 +214,9 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
         "load": (
             f"wrk -t{wrk.THREADS} -c<concurrency> -d{args.duration}s "
             f"--timeout {wrk.TIMEOUT_S}s --latency; users.lua asks for a uniformly random id "
-            f"in 1..{args.users}; each server first gets a {WARMUP_S} s warm-up at "
-            f"{WARMUP_CONNECTIONS} connections, and {PAUSE_S:g} s pass between levels"
+            f"in 1..{args.users}; level by level, every variant in turn at each level, each "
+            f"on a server started for it, warmed up for {WARMUP_S} s at "
+            f"{WARMUP_CONNECTIONS} connections, then left {PAUSE_S:g} s to settle"
         ),
         "database": (
             f"throwaway PostgreSQL {pg_version} on 127.0.0.1, max_connections="
@@ -224,6 +232,7 @@ def _worker_connections(args: argparse.Namespace) -> int:
 
 def _run_http(
     name: str,
+    level: int,
     dsn: str,
     database_pid: int,
     sampler: BackendSampler,
@@ -231,40 +240,44 @@ def _run_http(
     logs: Path,
     run: Run,
 ) -> None:
-    """Start the variant's server, warm it up, measure each level into `run`, stop it."""
+    """Start the variant's server, warm it up, measure one level into `run`, stop it."""
     variant = servers.HTTP_VARIANTS[name]
     env = servers.environment(dsn, _free_port(), _worker_connections(args))
-    server = servers.Server(variant, env, logs / f"{name}.log")
+    server = servers.Server(variant, env, logs / f"{name}-{level}.log")
     lua_args = [str(args.users)] if variant.lua else []
     try:
         server.wait_ready()
         meter = CpuMeter(database_pid, server.pid)
         wrk.run(wrk.command(server.url, WARMUP_CONNECTIONS, WARMUP_S, variant.lua, lua_args))
-        for level in args.levels:
-            time.sleep(PAUSE_S)
-            sampler.start()
-            meter.start()
-            overflows = host.listen_overflows()
-            try:
-                result, _ = wrk.run(
-                    wrk.command(server.url, level, args.duration, variant.lua, lua_args)
-                )
-            finally:
-                overflows = host.listen_overflows() - overflows
-                cpu = meter.stop()
-                peak = sampler.stop()
-            run.cells.append(Cell.from_wrk(name, level, result, peak, cpu, overflows))
-            _progress(run.cells[-1])
+        time.sleep(PAUSE_S)
+        sampler.start()
+        meter.start()
+        overflows = host.listen_overflows()
+        try:
+            result, _ = wrk.run(
+                wrk.command(server.url, level, args.duration, variant.lua, lua_args)
+            )
+        finally:
+            overflows = host.listen_overflows() - overflows
+            cpu = meter.stop()
+            peak = sampler.stop()
+        run.cells.append(Cell.from_wrk(name, level, result, peak, cpu, overflows))
+        _progress(run.cells[-1])
     finally:
         server.stop()
-        run.server_logs[name] = server.log_events()
-        print(f"bench: {name} server log: {run.server_logs[name]}", flush=True)
+        events = run.server_logs.setdefault(name, {})
+        for key, count in server.log_events().items():
+            events[key] = events.get(key, 0) + count
         if not sampler.wait_idle(timeout_s=30):
             print(f"bench: warning: {name} left server connections behind")
 
 
 def _run_pgbench(
-    server: LocalPostgres, sampler: BackendSampler, args: argparse.Namespace, cells: list[Cell]
+    server: LocalPostgres,
+    sampler: BackendSampler,
+    args: argparse.Namespace,
+    level: int,
+    cells: list[Cell],
 ) -> None:
     env = {
         "PGHOST": "127.0.0.1",
@@ -275,19 +288,18 @@ def _run_pgbench(
         "PATH": "/usr/bin:/bin",
     }
     meter = CpuMeter(server.pid)
-    for level in args.levels:
-        time.sleep(PAUSE_S)
-        sampler.start()
-        meter.start()
-        overflows = host.listen_overflows()
-        try:
-            result = pgbench.run(env, level, args.duration, args.users)
-        finally:
-            overflows = host.listen_overflows() - overflows
-            cpu = meter.stop()
-            peak = sampler.stop()
-        cells.append(Cell.from_pgbench(level, result, peak, cpu, overflows))
-        _progress(cells[-1])
+    time.sleep(PAUSE_S)
+    sampler.start()
+    meter.start()
+    overflows = host.listen_overflows()
+    try:
+        result = pgbench.run(env, level, args.duration, args.users)
+    finally:
+        overflows = host.listen_overflows() - overflows
+        cpu = meter.stop()
+        peak = sampler.stop()
+    cells.append(Cell.from_pgbench(level, result, peak, cpu, overflows))
+    _progress(cells[-1])
 
 
 def _progress(cell: Cell) -> None:

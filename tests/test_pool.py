@@ -117,14 +117,14 @@ def test_a_direct_connection_starts_with_the_timeout_and_sends_statements_as_the
         db.execute("SELECT setting, source FROM pg_settings WHERE name = 'statement_timeout'")
         assert db.fetchone() == {"setting": "2500", "source": "client"}
 
-    sleeper = gevent.spawn(backend_pid_after_nap, pool, autocommit)
+    sleeper = gevent.spawn(nap, pool, autocommit)
     wait_until(lambda: running_query(admin, "test-pool"), 5, "the nap to run")
     expected = "SELECT pg_sleep(0.5)" if autocommit else "BEGIN; SELECT pg_sleep(0.5)"
     assert running_query(admin, "test-pool") == expected
     sleeper.get(timeout=5)
 
 
-def backend_pid_after_nap(pool, autocommit):
+def nap(pool, autocommit):
     with pool.connection(autocommit=autocommit) as db:
         db.execute("SELECT pg_sleep(0.5)")
 
@@ -323,7 +323,6 @@ from psycogreen.gevent import patch_psycopg; patch_psycopg()
 import os
 import gevent.event
 import psycopg2
-import psycopg2.extensions
 from service.pool import Pool
 
 pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
