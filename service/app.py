@@ -12,7 +12,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from config import Settings, load_settings
-from service import errors, health, logs, metrics, openapi, users
+from service import admission, db, errors, health, logs, metrics, openapi, users
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -50,6 +50,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
+    # In front of the app in the gunicorn worker (service/worker.py), not in the app itself:
+    # a request waits there before gunicorn has built anything for it.
+    settings = app.config["SETTINGS"]
+    app.extensions[admission.EXTENSION] = admission.Door(
+        limit=admission.ADMITTED_PER_CONNECTION * settings.db_pool_max,
+        timeout=settings.db_pool_timeout,
+        max_waiting=settings.db_pool_max_waiting,
+        waiting_inside=lambda: db.waiting(app),
+        waiting_changed=metrics.DOOR_WAITING.set,
+    )
     return app
 
 

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 
 from flask import Flask, current_app, has_request_context, request
 
-from service import logs, metrics
+from service import admission, logs, metrics
 from service.pool import Cursor, Pool
 
 EXTENSION = "service.pool"
@@ -56,6 +56,12 @@ def close_pool(app: Flask) -> None:
         pool.close()
 
 
+def waiting(app: Flask) -> int:
+    """Requests of this worker waiting in its pool for a connection (0 before it is open)."""
+    pool = app.extensions.get(EXTENSION)
+    return pool.waiting if pool is not None else 0
+
+
 def current_pool() -> Pool:
     try:
         return current_app.extensions[EXTENSION]
@@ -68,15 +74,26 @@ def get_db(
 ) -> AbstractContextManager[Cursor]:
     """A cursor inside one transaction: commit on a clean exit, roll back on an exception.
 
-    Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), then raises
-    `PoolTimeout`; see `Pool.connection` for what else it raises. A connection held longer
+    Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), less what the request
+    already waited at the app's door (service/admission.py), then raises `PoolTimeout`; see
+    `Pool.connection` for what else it raises. A connection held longer
     than DB_POOL_LEAK_WARN_S is logged with the route that holds it.
 
     `autocommit=True` makes every statement its own transaction, one round trip each: use it
     for a block that runs a single statement (it needs no COMMIT), never for several
     statements that must stand or fall together.
     """
-    return current_pool().connection(timeout, _route(), autocommit)
+    pool = current_pool()
+    if timeout is None:
+        timeout = pool.timeout
+    ticket = admission.current.get()
+    if ticket is not None:
+        if ticket.refused is not None:
+            raise pool.turned_away(ticket.refused)
+        timeout -= ticket.waited_s
+        if timeout <= 0:
+            raise pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
+    return pool.connection(timeout, _route(), autocommit)
 
 
 def _route() -> str:

@@ -7,9 +7,10 @@ routes its own log, the app's and this module's access log through `JsonFormatte
 
 One access line per request, written by the app once the response is built, so that it knows
 what gunicorn cannot: the route that matched and how long the request waited for a database
-connection (`pool_wait_ms`, summed over its checkouts). The request id comes from the
-`X-Request-ID` header when it is safe to echo (1-128 of `A-Z a-z 0-9 . _ -`), else it is a new
-uuid4; it is sent back on every response, errors included.
+connection (`pool_wait_ms`: at the app's door and in the pool, summed over its checkouts).
+The request id comes from the `X-Request-ID` header when it is safe to echo (1-128 of
+`A-Z a-z 0-9 . _ -`), else it is a new uuid4; it is sent back on every response, errors
+included.
 
 Passwords in connection URLs and `password=...` pairs are masked in every message and traceback,
 a last guard behind the code that never logs a DSN with its password.
@@ -25,6 +26,8 @@ import uuid
 from contextvars import ContextVar
 
 from flask import Flask, Response, request
+
+from service import admission
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -44,10 +47,10 @@ class RequestLog:
 
     __slots__ = ("id", "pool_wait_s", "started", "status")
 
-    def __init__(self, request_id: str, started: float):
+    def __init__(self, request_id: str, started: float, pool_wait_s: float = 0.0):
         self.id = request_id
         self.started = started
-        self.pool_wait_s = 0.0
+        self.pool_wait_s = pool_wait_s
         self.status = 500  # until a response is made
 
 
@@ -76,7 +79,10 @@ def register(app: Flask) -> None:
 def _begin() -> None:
     sent = request.headers.get(REQUEST_ID_HEADER)
     request_id = sent if sent and _SAFE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
-    _current.set(RequestLog(request_id, time.perf_counter()))
+    # A wait at the app's door is a wait for a connection too (service/admission.py).
+    ticket = admission.current.get()
+    waited_s = ticket.waited_s if ticket is not None else 0.0
+    _current.set(RequestLog(request_id, time.perf_counter(), waited_s))
 
 
 def _respond(response: Response) -> Response:

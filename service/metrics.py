@@ -50,6 +50,11 @@ POOL_GAUGES = {
         ("waiting", "Requests waiting for a connection"),
     )
 }
+DOOR_WAITING = Gauge(
+    "db_pool_waiting_at_door",
+    "Requests waiting at the app's door for a place inside (service/admission.py)",
+    multiprocess_mode="livesum",
+)
 CHECKOUTS = Counter("db_pool_checkouts", "Connections lent to requests")
 TIMEOUTS = Counter("db_pool_timeouts", "Requests that got no connection in time (503)")
 DISCARDED = Counter("db_pool_discarded", "Broken, dead or expired connections closed")

@@ -310,6 +310,24 @@ class Pool:
             for conn in lent:
                 self._checkin(conn)
 
+    @property
+    def timeout(self) -> float:
+        """How long `connection()` waits for a free connection by default."""
+        return self._timeout
+
+    @property
+    def waiting(self) -> int:
+        """Greenlets waiting for a free connection now."""
+        return len(self._waiters)
+
+    def turned_away(self, reason: str) -> PoolTimeout:
+        """The `PoolTimeout` for a request that got no connection before it reached the pool
+        (the app's door, service/admission.py), counted as the pool counts its own. The wait
+        it reports is 0: the door's wait is already on the request's access line."""
+        if self._events is not None:
+            self._events.timed_out(0.0)
+        return PoolTimeout(reason)
+
     def stats(self) -> dict[str, int]:
         """What the pool holds now: open connections, lent, idle, greenlets waiting."""
         return {
@@ -317,7 +335,7 @@ class Pool:
             "size": self._open,
             "in_use": self._in_use,
             "idle": self._open - self._in_use,
-            "waiting": len(self._waiters),
+            "waiting": self.waiting,
         }
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
-"""The gunicorn worker: gunicorn's gevent worker, accepting new connections in batches and
-sending each response's head together with its body.
+"""The gunicorn worker: gunicorn's gevent worker, accepting new connections in batches,
+letting requests into the app through its door (service/admission.py) and sending each
+response's head together with its body.
 
 Accepting in batches
 
@@ -45,6 +46,8 @@ import logging
 from gevent.server import StreamServer
 from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
+
+from service import admission
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +146,23 @@ class OneSendResponse(wsgi.Response):
 
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker (patching, graceful stop, keep-alive, its HTTP parser, all of it
-    unchanged), whose listeners are `BatchAcceptingServer`s and whose responses are
-    `OneSendResponse`s."""
+    unchanged), whose listeners are `BatchAcceptingServer`s, whose requests wait at the app's
+    door, and whose responses are `OneSendResponse`s."""
+
+    def handle_request(self, listener_name, req, sock, addr):
+        """gunicorn's, behind the app's door (service/admission.py) unless the path goes
+        around it."""
+        door = self.wsgi.extensions.get(admission.EXTENSION)
+        if door is None or req.path in admission.AROUND:
+            return super().handle_request(listener_name, req, sock, addr)
+        ticket = door.enter()
+        token = admission.current.set(ticket)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            admission.current.reset(token)
+            if ticket.admitted:
+                door.leave()
 
     def run(self) -> None:
         # gunicorn's run() builds each listener's server from this module-level name, and

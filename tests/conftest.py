@@ -131,3 +131,19 @@ def app(make_settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def make_app(make_settings):
+    """Apps with settings of the test's choosing, each with its own open pool."""
+    apps = []
+
+    def make(**env):
+        app = create_app(make_settings(**env))
+        db.open_pool(app)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        db.close_pool(app)

@@ -65,3 +65,26 @@ class Sampler(Generic[T]):
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self.samples.append(self.sample(cur))
                 self._stop.wait(0.005)
+
+
+@contextmanager
+def only_connection_held(app) -> Iterator[None]:
+    """Another greenlet holds the app's one pooled connection (DB_POOL_MAX=1) for the block."""
+    from service import db  # the service's, as the app under test uses it
+
+    held, release = Event(), Event()
+
+    def hold():
+        with app.app_context(), db.get_db() as cur:
+            cur.execute("SELECT 1")
+            held.set()
+            release.wait()
+
+    holder = gevent.spawn(hold)
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=5)
+    assert holder.successful()

@@ -11,11 +11,10 @@ from datetime import datetime
 import gevent
 import psycopg2
 import pytest
-from gevent.event import Event
 from gunicorn_proc import free_port
+from pgutil import only_connection_held
 
 from service import db
-from service.app import create_app
 
 TOO_BIG = 2**63
 
@@ -66,22 +65,6 @@ def create(client, name="Ada Lovelace", email="ada@example.com") -> dict:
 def pool_stats(app) -> dict:
     with app.app_context():
         return db.current_pool().stats()
-
-
-@pytest.fixture
-def make_app(make_settings):
-    """Apps with settings of the test's choosing, each with its own open pool."""
-    apps = []
-
-    def make(**env):
-        app = create_app(make_settings(**env))
-        db.open_pool(app)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        db.close_pool(app)
 
 
 @pytest.fixture
@@ -528,26 +511,14 @@ def test_a_page_continues_after_its_last_user_is_deleted(client, admin):
 
 def test_a_pool_timeout_gives_503_with_retry_after(make_app):
     app = make_app(DB_POOL_MAX=1, DB_POOL_MIN=1, DB_POOL_TIMEOUT=0.3)
-    held, release = Event(), Event()
-
-    def hold_the_only_connection():
-        with app.app_context(), db.get_db() as cur:
-            cur.execute("SELECT 1")
-            held.set()
-            release.wait()
-
-    holder = gevent.spawn(hold_the_only_connection)
-    held.wait()
     client = app.test_client()
-    started = time.monotonic()
-    response = client.get("/users")
-    waited = time.monotonic() - started
-    assert_retry_later(response, "pool_timeout")
-    assert 0.25 <= waited < 0.3 + 2
-    assert pool_stats(app)["waiting"] == 0
-    release.set()
-    holder.join(timeout=5)
-    assert holder.successful()
+    with only_connection_held(app):
+        started = time.monotonic()
+        response = client.get("/users")
+        waited = time.monotonic() - started
+        assert_retry_later(response, "pool_timeout")
+        assert 0.25 <= waited < 0.3 + 2
+        assert pool_stats(app)["waiting"] == 0
     assert pool_stats(app)["in_use"] == 0
     assert client.get("/users").status_code == 200
 

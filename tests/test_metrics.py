@@ -192,10 +192,10 @@ def server(database_url, tmp_path_factory):
         yield gunicorn
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
+def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -206,6 +206,12 @@ def served_by(gunicorn: Gunicorn, route: str) -> list[int]:
     """The pid of the worker behind each access line for `route` so far."""
     lines = (json.loads(line) for line in gunicorn.log_lines('"service.access"'))
     return [line["pid"] for line in lines if line["route"] == route]
+
+
+def served_by_request(gunicorn: Gunicorn, request_id: str) -> int:
+    """The pid of the worker that wrote the access line of the request with this id."""
+    lines = (json.loads(line) for line in gunicorn.log_lines(f'"request_id": "{request_id}"'))
+    return next(line["pid"] for line in lines if line["logger"] == "service.access")
 
 
 def scrape_server(gunicorn: Gunicorn) -> dict:
@@ -226,11 +232,17 @@ def test_metrics_add_up_every_workers_requests(server, admin):
             break
     assert len(set(served_by(server, USER_ROUTE))) == WORKERS, "one worker served everything"
 
-    # Whichever worker answers /metrics, it reports the requests of both.
+    # Whichever worker answers /metrics, it reports the requests of both. Scrapes go in
+    # bursts, as the requests did, so that both workers are woken; each is tagged with a
+    # request id, which its access line pairs with the worker that answered it.
     reports = {}
-    for _ in range(50):
-        samples = scrape_server(server)
-        reports[served_by(server, "/metrics")[-1]] = samples
+    for round_ in range(20):
+        ids = [f"scrape-{round_}-{i}" for i in range(8)]
+        scrapes = [gevent.spawn(get, server.port, "/metrics", {"X-Request-ID": i}) for i in ids]
+        for request_id, scrape in zip(ids, scrapes, strict=True):
+            status, body = scrape.get(timeout=30)
+            assert status == 200
+            reports[served_by_request(server, request_id)] = parse(body.decode())
         if len(reports) == WORKERS:
             break
     assert len(reports) == WORKERS, "one worker served every scrape"
