@@ -76,8 +76,8 @@ def get_db(
 
     Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), less what the request
     already waited at the app's door (service/admission.py), then raises `PoolTimeout`; see
-    `Pool.connection` for what else it raises. A connection held longer
-    than DB_POOL_LEAK_WARN_S is logged with the route that holds it.
+    `Pool.connection` for what else it raises. A connection held longer than
+    DB_POOL_LEAK_WARN_S is logged with the route that holds it.
 
     `autocommit=True` makes every statement its own transaction, one round trip each: use it
     for a block that runs a single statement (it needs no COMMIT), never for several
