@@ -28,12 +28,11 @@ saturated worker rather than queue behind it.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from gevent.event import Event
+from service.slots import Slots
 
 # Requests inside the app per pooled connection: one using each connection, and one ready to
 # take it the moment it is given back.
@@ -73,62 +72,42 @@ class Door:
         waiting_inside: Callable[[], int],
         waiting_changed: Callable[[int], None] | None = None,
     ) -> None:
-        self.limit = limit
         self._timeout = timeout
         self._max_waiting = max_waiting
         self._waiting_inside = waiting_inside
         self._waiting_changed = waiting_changed
-        self._free = limit
-        self._waiters: deque[Event] = deque()
+        self._slots = Slots(limit)
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return self._slots.waiting
 
     @property
     def inside(self) -> int:
-        return self.limit - self._free
+        return self._slots.taken
 
     def enter(self) -> Ticket:
         """Wait for a place inside; a ticket with `admitted` must be given back to `leave()`."""
-        started = time.monotonic()
-        # No lock needed: no greenlet switch can happen between the test and the decrement.
-        # Waiters present means the free place is already promised to them.
-        if self._free and not self._waiters:
-            self._free -= 1
+        if self._slots.take_now():
             return Ticket(0.0, True)
         if self._max_waiting:
-            waiting = len(self._waiters) + self._waiting_inside()
+            waiting = self._slots.waiting + self._waiting_inside()
             if waiting >= self._max_waiting:
                 refused = f"{waiting} requests already wait for a connection"
                 return Ticket(0.0, False, refused)
-        waiter = Event()
-        self._waiters.append(waiter)
-        self._changed()
+        started = time.monotonic()
+        admitted = False
         try:
-            waiter.wait(self._timeout)
-        except BaseException:  # killed while waiting: give back a place handed over meanwhile
-            if waiter.is_set():
-                self.leave()
-            else:
-                self._waiters.remove(waiter)
+            admitted = self._slots.wait(self._timeout, joined=self._changed)
+        finally:
+            if not admitted:  # left the queue on its own (an admitted one was counted off)
                 self._changed()
-            raise
-        waited_s = time.monotonic() - started
-        if not waiter.is_set():
-            self._waiters.remove(waiter)
-            self._changed()
-            return Ticket(waited_s, False)
-        return Ticket(waited_s, True)
+        return Ticket(time.monotonic() - started, admitted)
 
     def leave(self) -> None:
-        # Hand the place to the oldest waiter directly, so that no newcomer can take it first.
-        if self._waiters:
-            self._waiters.popleft().set()
+        if self._slots.give():
             self._changed()
-        else:
-            self._free += 1
 
     def _changed(self) -> None:
         if self._waiting_changed is not None:
-            self._waiting_changed(len(self._waiters))
+            self._waiting_changed(self._slots.waiting)

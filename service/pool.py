@@ -12,9 +12,9 @@ psycopg2's pool alone is wrong for a gevent worker in two ways, and this module 
 
 It knows nothing of Flask or HTTP; the HTTP layer maps its three exceptions to responses. It is
 greenlet-safe, not thread-safe: the worker's greenlets share one OS thread and switch only at
-blocking calls, which is what keeps the slot bookkeeping below free of locks. (psycopg2's
-pool keeps its own lock; it is never held across a switch, since this pool opens connections
-outside it.)
+blocking calls, which is what keeps the slot bookkeeping (service/slots.py) free of locks.
+(psycopg2's pool keeps its own lock; it is never held across a switch, since this pool opens
+connections outside it.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -33,10 +32,11 @@ import gevent
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-from gevent.event import Event
 from gevent.monkey import get_original
 from psycopg2.extras import RealDictCursor
 from psycopg2.pool import ThreadedConnectionPool
+
+from service.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,7 @@ class Pool:
         self._connections = ThreadedConnectionPool(0, max_size, dsn)
         # psycopg2 keeps a returned connection only while fewer than `minconn` are idle.
         self._connections.minconn = max_size
-        self._free = max_size  # slots held by no greenlet
-        self._waiters: deque[Event] = deque()
+        self._slots = Slots(max_size)  # one per connection lent or that may be opened
         self._open = 0
         self._in_use = 0
         self._closed = False
@@ -318,7 +317,7 @@ class Pool:
     @property
     def waiting(self) -> int:
         """Greenlets waiting for a free connection now."""
-        return len(self._waiters)
+        return self._slots.waiting
 
     def turned_away(self, reason: str) -> PoolTimeout:
         """The `PoolTimeout` for a request that got no connection before it reached the pool
@@ -347,8 +346,7 @@ class Pool:
         the green wait), and a worker that exits before it comes back closes its socket anyway.
         """
         self._closed = True
-        while self._waiters:
-            self._waiters.popleft().set()
+        self._slots.wake_all()
         idle = self._connections._pool
         while idle:  # a lent one, or one being pinged, is counted off when it comes back
             idle.pop().close()
@@ -378,7 +376,7 @@ class Pool:
         try:
             conn = self._take()
         except BaseException:
-            self._release_slot()
+            self._slots.give()
             raise
         self._in_use += 1
         return conn
@@ -522,7 +520,7 @@ class Pool:
                 self._discard(conn)
         finally:
             self._in_use -= 1
-            self._release_slot()
+            self._slots.give()
             self._changed()
 
     def _discard(self, conn: PooledConnection) -> None:
@@ -532,34 +530,12 @@ class Pool:
             self._events.discarded()
 
     def _acquire_slot(self, timeout: float) -> None:
-        # Critical section without a lock: no greenlet switch can happen between the test and
-        # the decrement. Waiters present means the free slot is already promised to them.
-        if self._free and not self._waiters:
-            self._free -= 1
+        if self._slots.take_now():
             return
-        if self._max_waiting and len(self._waiters) >= self._max_waiting:
-            raise PoolTimeout(f"{len(self._waiters)} requests already wait for a connection")
-        waiter = Event()
-        self._waiters.append(waiter)
-        self._changed()
-        try:
-            waiter.wait(timeout)
-        except BaseException:  # killed while waiting: give back a slot handed over meanwhile
-            if waiter.is_set():
-                self._release_slot()
-            else:
-                self._waiters.remove(waiter)
-            raise
-        if not waiter.is_set():
-            self._waiters.remove(waiter)
+        if self._max_waiting and self._slots.waiting >= self._max_waiting:
+            raise PoolTimeout(f"{self._slots.waiting} requests already wait for a connection")
+        if not self._slots.wait(timeout, joined=self._changed):
             raise PoolTimeout(f"no database connection became free within {timeout:g} s")
-
-    def _release_slot(self) -> None:
-        # Hand the slot to the oldest waiter directly, so that no newcomer can take it first.
-        if self._waiters:
-            self._waiters.popleft().set()
-        else:
-            self._free += 1
 
     def _changed(self) -> None:
         if self._events is not None:
