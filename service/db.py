@@ -84,6 +84,17 @@ def get_db(
     statements that must stand or fall together.
     """
     pool = current_pool()
+    return pool.connection(_budget(pool, timeout), _route(), autocommit)
+
+
+def wait_budget(timeout: float | None = None) -> float:
+    """How long the current request may still wait for a connection: `timeout` (default
+    DB_POOL_TIMEOUT) less its wait at the app's door. Raises the pool's `PoolTimeout` when the
+    door turned the request away or nothing is left, as `get_db()` does."""
+    return _budget(current_pool(), timeout)
+
+
+def _budget(pool: Pool, timeout: float | None) -> float:
     if timeout is None:
         timeout = pool.timeout
     ticket = admission.current.get()
@@ -93,7 +104,7 @@ def get_db(
         timeout -= ticket.waited_s
         if timeout <= 0:
             raise pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
-    return pool.connection(timeout, _route(), autocommit)
+    return timeout
 
 
 def _route() -> str:

@@ -1,0 +1,189 @@
+"""Shared lookups (service/lookups.py): concurrent `GET /users/<id>` of one worker sharing
+queries, with real greenlets against the real server.
+
+Through real gunicorn workers, tests/test_faults.py storms a stalled database with lookups
+(every one answered 503 in time, the pools whole afterwards) and tests/test_metrics.py checks
+that lookups and their queries add up across workers.
+"""
+
+import logging
+import time
+
+import gevent
+from pgutil import users_locked
+from prometheus_client import REGISTRY
+
+from service.lookups import SharedLookups
+from service.pool import DatabaseUnavailable
+
+USERS = 30
+
+
+def seed(admin, n: int = USERS) -> dict[int, str]:
+    admin.execute(
+        "INSERT INTO users (name, email) SELECT 'user ' || i, 'u' || i || '@example.com'"
+        " FROM generate_series(1, %s) AS i RETURNING id, email",
+        (n,),
+    )
+    return dict(admin.fetchall())
+
+
+def counted(name: str) -> float:
+    return REGISTRY.get_sample_value(f"{name}_total") or 0.0
+
+
+def wait_for(check, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        gevent.sleep(0.005)
+
+
+def lookups(pool, fetched: list, *, max_keys=500, sleep_s=0.0, failing=None) -> SharedLookups:
+    """Lookups of users' emails through a real pool; each query's keys go into `fetched`. The
+    first query sleeps `sleep_s` in the server; the others raise `failing[0]` if there is one."""
+
+    def fetch(keys, waited_s):
+        fetched.append(list(keys))
+        if failing and len(fetched) > 1:
+            raise failing[0]
+        with pool.connection(autocommit=True) as cur:
+            cur.execute(
+                "SELECT id, email FROM users, pg_sleep(%s) WHERE id = ANY(%s)",
+                (sleep_s if len(fetched) == 1 else 0, list(keys)),
+            )
+            return {row["id"]: row["email"] for row in cur.fetchall()}
+
+    return SharedLookups(
+        fetch,
+        turn_timeout=lambda: 5.0,
+        timed_out=lambda reason: TimeoutError(reason),
+        waited=lambda s: None,
+        answered=lambda n: None,
+        max_keys=max_keys,
+    )
+
+
+def test_lookups_arriving_while_a_query_runs_share_the_next_one(make_app, admin, database_url):
+    emails = seed(admin)
+    ids = list(emails)
+    app = make_app(DB_POOL_MAX=5)
+    client = app.test_client()
+    lookups_before, queries_before = counted("db_lookups"), counted("db_lookup_queries")
+
+    with users_locked(database_url):
+        first = gevent.spawn(client.get, f"/users/{ids[0]}")
+        wait_for(lambda: app.extensions["service.pool"].stats()["in_use"] == 1, "the first query")
+        rest = [gevent.spawn(client.get, f"/users/{uid}") for uid in ids[1:]]
+        wait_for(lambda: app.extensions["service.users.lookups"].waiting == USERS - 1, "them all")
+    gevent.joinall([first, *rest], timeout=10, raise_error=True)
+
+    answers = [g.value for g in (first, *rest)]
+    assert [r.status_code for r in answers] == [200] * USERS
+    assert [(r.json["id"], r.json["email"]) for r in answers] == list(emails.items())
+    # The first went alone at once; the other 29 waited for it, together, and went as one.
+    assert counted("db_lookups") - lookups_before == USERS
+    assert counted("db_lookup_queries") - queries_before == 2
+    assert app.extensions["service.users.lookups"].waiting == 0
+
+
+def test_a_lookup_alone_goes_at_once_and_a_missing_user_is_404(client, admin):
+    emails = seed(admin, 1)
+    [uid] = emails
+    queries_before = counted("db_lookup_queries")
+    assert client.get(f"/users/{uid}").json["email"] == emails[uid]
+    assert client.get(f"/users/{uid + 1}").status_code == 404
+    assert counted("db_lookup_queries") - queries_before == 2
+
+
+def test_a_lookup_never_joins_a_query_already_sent(make_pool, admin):
+    """A lookup asked after a write committed sees it, though a query sent before the write
+    (which cannot see it) is still running: the lookup goes in a query of its own, later."""
+    [uid] = seed(admin, 1)
+    fetched = []
+    shared = lookups(make_pool(), fetched, sleep_s=0.5)
+    before = gevent.spawn(shared.get, uid)
+    wait_for(lambda: fetched, "the first query")
+    gevent.sleep(0.1)  # the first query's snapshot is taken: it sleeps in the server
+    admin.execute("UPDATE users SET email = 'new@example.com' WHERE id = %s", (uid,))
+    after = shared.get(uid)
+
+    assert before.get(timeout=5) == "u1@example.com"
+    assert after == "new@example.com"
+    assert fetched == [[uid], [uid]]
+
+
+def test_a_gathering_is_sent_once_it_holds_max_keys(make_pool, admin):
+    ids = list(seed(admin, 8))
+    fetched = []
+    shared = lookups(make_pool(), fetched, max_keys=3, sleep_s=0.3)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
+    gevent.joinall([first, *rest], timeout=10, raise_error=True)
+
+    assert [g.value for g in (first, *rest)] == [f"u{i}@example.com" for i in range(1, 9)]
+    assert fetched == [ids[:1], ids[1:4], ids[4:7], ids[7:]]
+
+
+def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
+    ids = list(seed(admin, 4))
+    fetched, failing = [], [DatabaseUnavailable("the server went away")]
+    shared = lookups(make_pool(), fetched, sleep_s=0.3, failing=failing)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
+    gevent.joinall([first, *rest], timeout=10)
+
+    assert first.value == "u1@example.com"
+    assert [g.exception for g in rest] == failing * 3
+    assert fetched == [ids[:1], ids[1:]]
+    assert shared.waiting == 0
+    failing.clear()
+    assert shared.get(ids[1]) == "u2@example.com"  # and the next lookup goes as usual
+
+
+def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
+    ids = list(seed(admin, 3))
+    fetched = []
+    shared = lookups(make_pool(), fetched, sleep_s=0.5)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    sender = gevent.spawn(shared.get, ids[1])  # waits for its turn, gathering
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    follower = gevent.spawn(shared.get, ids[2])
+    wait_for(lambda: shared.waiting == 2, "the follower to join")
+    sender.kill(timeout=5)
+    follower.join(timeout=5)
+
+    assert isinstance(follower.exception, DatabaseUnavailable)
+    assert first.get(timeout=5) == "u1@example.com"
+    assert shared.waiting == 0
+    assert shared.get(ids[2]) == "u3@example.com"  # the turn the sender held came back
+
+
+def test_a_lookup_with_no_turn_in_time_gets_503_and_logs_its_wait(
+    make_app, admin, database_url, caplog
+):
+    [uid] = seed(admin, 1)
+    app = make_app(DB_POOL_MAX=5, DB_POOL_TIMEOUT=0.4, DB_STATEMENT_TIMEOUT_MS=3000)
+    client = app.test_client()
+    caplog.set_level(logging.INFO, logger="service.access")
+    timeouts_before = counted("db_pool_timeouts")
+    with users_locked(database_url):
+        held = gevent.spawn(client.get, f"/users/{uid}")
+        wait_for(lambda: app.extensions["service.pool"].stats()["in_use"] == 1, "the first query")
+        started = time.monotonic()
+        late = client.get(f"/users/{uid}", headers={"X-Request-ID": "late"})
+        waited = time.monotonic() - started
+    assert held.get(timeout=10).status_code == 200
+
+    assert (late.status_code, late.json["error"]["code"]) == (503, "pool_timeout")
+    assert late.headers["Retry-After"]
+    assert 0.3 <= waited < 2.0
+    assert counted("db_pool_timeouts") - timeouts_before == 1
+    [line] = [
+        r.access for r in caplog.records if getattr(r, "access", None) and r.access["status"] == 503
+    ]
+    assert line["pool_wait_ms"] >= 400 * 0.9
+    assert app.extensions["service.users.lookups"].waiting == 0
