@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from flask import Flask, current_app, has_request_context, request
 
 from service import admission, logs, metrics
-from service.pool import Cursor, Pool
+from service.pool import Cursor, Pool, PoolTimeout
 
 EXTENSION = "service.pool"
 
@@ -103,8 +103,18 @@ def _budget(pool: Pool, timeout: float | None) -> float:
             raise pool.turned_away(ticket.refused)
         timeout -= ticket.waited_s
         if timeout <= 0:
-            raise pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
+            raise _out_of_time(pool)
     return timeout
+
+
+def out_of_time() -> PoolTimeout:
+    """The pool's 503 for a request whose wait for a connection ran out before it reached the
+    pool (at the app's door, or waiting for a shared lookup's turn)."""
+    return _out_of_time(current_pool())
+
+
+def _out_of_time(pool: Pool) -> PoolTimeout:
+    return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
 
 
 def _route() -> str:

@@ -17,6 +17,10 @@ worker did better than three (1.63 against 1.39 times, 6 rounds at 500 connectio
 
 A lookup never joins a query already sent, so it sees every write committed before it was
 asked, just as a query of its own would.
+
+A query that fails fails every lookup it answers: a connection found broken costs the whole
+gathering its 503, where each request with a query of its own would have paid for its own
+connection only.
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ class SharedLookups:
     `fetch(keys, waited_s)` runs one query for all `keys` and returns their rows by key, a key
     without a row left out; `waited_s` is how long the lookup that sends it already waited for
     its turn, to be taken off its wait for a connection. `turn_timeout()` is how long a lookup
-    may wait for its turn, and `timed_out(reason)` the error when none came. `waited(seconds)`
-    is told, in each lookup's greenlet, how long it waited for its query to be sent, and
-    `answered(lookups)`, per query, how many lookups it answered.
+    may wait for its query to be sent, and `timed_out()` the error when it was not.
+    `waited(seconds)` is told, in each lookup's greenlet, how long it waited for its query to
+    be sent, and `answered(lookups)`, per query, how many lookups it answered.
     """
 
     def __init__(
@@ -63,7 +67,7 @@ class SharedLookups:
         fetch: Callable[[Sequence[Hashable], float], dict[Hashable, Any]],
         *,
         turn_timeout: Callable[[], float],
-        timed_out: Callable[[str], Exception],
+        timed_out: Callable[[], Exception],
         waited: Callable[[float], None],
         answered: Callable[[int], None],
         in_flight: int = IN_FLIGHT,
@@ -86,28 +90,37 @@ class SharedLookups:
 
     def get(self, key: Hashable) -> Any:
         """The row for `key`, or None when there is none. Raises what `fetch` raises, for every
-        lookup of the query, and `timed_out(...)` when no turn came in time."""
+        lookup of the query, and `timed_out()` when its query was not sent in time."""
         asked = time.perf_counter()
+        budget = self._turn_timeout()  # raises at once for a request that may wait no more
         gathering = self._gathering
         if gathering is None:
-            return self._send(_Gathering(key), asked)
+            return self._send(_Gathering(key), asked, budget)
+        return self._join(gathering, key, asked, budget)
+
+    def _join(self, gathering: _Gathering, key: Hashable, asked: float, budget: float) -> Any:
         gathering.keys.append(key)
         self._gathered += 1
         if len(gathering.keys) >= self._max_keys:
             self._gathering = None
         try:
-            # No timer of its own: whoever sends the query sets `done` on every way out.
-            gathering.done.wait()
+            # Whoever sends the query sets `done` on every way out, but may have more time to
+            # wait for its turn than this lookup has left: then this one leaves unsent.
+            if not gathering.done.wait(budget) and not gathering.sent_at:
+                gathering.keys.remove(key)
+                self._gathered -= 1
+                raise self._timed_out()
+            gathering.done.wait()  # sent: the statement's deadline bounds the rest
         finally:
             self._waited((gathering.sent_at or time.perf_counter()) - asked)
         if gathering.error is not None:
             raise gathering.error
         return gathering.rows.get(key)
 
-    def _send(self, gathering: _Gathering, asked: float) -> Any:
+    def _send(self, gathering: _Gathering, asked: float, budget: float) -> Any:
         try:
             if not self._slots.take_now():
-                self._gather(gathering, asked)
+                self._gather(gathering, asked, budget)
             gathering.sent_at = time.perf_counter()
             self._waited(gathering.sent_at - asked)
             try:
@@ -125,17 +138,16 @@ class SharedLookups:
             gathering.done.set()
         return gathering.rows.get(gathering.keys[0])
 
-    def _gather(self, gathering: _Gathering, asked: float) -> None:
+    def _gather(self, gathering: _Gathering, asked: float, budget: float) -> None:
         """Wait for a turn, while later lookups join `gathering`."""
-        timeout = self._turn_timeout()
         self._gathering = gathering
         self._gathered += 1
         try:
-            turned = self._slots.wait(timeout)
+            turned = self._slots.wait(budget)
         finally:
             if self._gathering is gathering:
                 self._gathering = None
             self._gathered -= len(gathering.keys)
         if not turned:
             self._waited(time.perf_counter() - asked)
-            raise self._timed_out(f"no database connection became free within {timeout:g} s")
+            raise self._timed_out()

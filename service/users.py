@@ -18,7 +18,7 @@ import psycopg2.errors
 from flask import Blueprint, current_app, request
 
 from service import logs, metrics
-from service.db import current_pool, get_db, wait_budget
+from service.db import current_pool, get_db, out_of_time, wait_budget
 from service.errors import ApiError
 from service.lookups import SharedLookups
 from service.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
@@ -80,7 +80,7 @@ def shared_lookups() -> SharedLookups:
     return SharedLookups(
         _users_by_id,
         turn_timeout=wait_budget,
-        timed_out=lambda reason: current_pool().turned_away(reason),
+        timed_out=out_of_time,
         waited=logs.add_pool_wait,
         answered=metrics.lookups_answered,
     )

@@ -39,9 +39,12 @@ def wait_for(check, what: str, timeout: float = 5.0) -> None:
         gevent.sleep(0.005)
 
 
-def lookups(pool, fetched: list, *, max_keys=500, sleep_s=0.0, failing=None) -> SharedLookups:
+def lookups(
+    pool, fetched: list, *, max_keys=500, sleep_s=0.0, failing=None, budgets=None
+) -> SharedLookups:
     """Lookups of users' emails through a real pool; each query's keys go into `fetched`. The
-    first query sleeps `sleep_s` in the server; the others raise `failing[0]` if there is one."""
+    first query sleeps `sleep_s` in the server; the others raise `failing[0]` if there is one.
+    A greenlet in `budgets` may wait that long for its query to be sent, any other 5 s."""
 
     def fetch(keys, waited_s):
         fetched.append(list(keys))
@@ -56,8 +59,8 @@ def lookups(pool, fetched: list, *, max_keys=500, sleep_s=0.0, failing=None) -> 
 
     return SharedLookups(
         fetch,
-        turn_timeout=lambda: 5.0,
-        timed_out=lambda reason: TimeoutError(reason),
+        turn_timeout=lambda: (budgets or {}).get(gevent.getcurrent(), 5.0),
+        timed_out=lambda: TimeoutError("no turn"),
         waited=lambda s: None,
         answered=lambda n: None,
         max_keys=max_keys,
@@ -124,6 +127,29 @@ def test_a_gathering_is_sent_once_it_holds_max_keys(make_pool, admin):
 
     assert [g.value for g in (first, *rest)] == [f"u{i}@example.com" for i in range(1, 9)]
     assert fetched == [ids[:1], ids[1:4], ids[4:7], ids[7:]]
+
+
+def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin):
+    """A later lookup may have less time left than the one that will send the query (it
+    waited longer at the app's door): it gives up at its own deadline, and its key stays out."""
+    ids = list(seed(admin, 3))
+    fetched, budgets = [], {}
+    shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    sender = gevent.spawn(shared.get, ids[1])
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    late = gevent.spawn(shared.get, ids[2])
+    budgets[late] = 0.2
+    late.join(timeout=5)
+
+    assert isinstance(late.exception, TimeoutError)
+    assert not first.ready()  # it left while the query before its own still ran
+    assert shared.waiting == 1
+    gevent.joinall([first, sender], timeout=10, raise_error=True)
+    assert (first.value, sender.value) == ("u1@example.com", "u2@example.com")
+    assert fetched == [ids[:1], ids[1:2]]
+    assert shared.waiting == 0
 
 
 def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
