@@ -18,13 +18,19 @@ worker did better than three (1.63 against 1.39 times, 6 rounds at 500 connectio
 A lookup never joins a query already sent, so it sees every write committed before it was
 asked, just as a query of its own would.
 
-A query that fails fails every lookup it answers: a connection found broken costs the whole
+Each lookup keeps its own deadline for waiting: until its query holds a connection it may
+leave, with the pool's 503, when its time (DB_POOL_TIMEOUT less its wait at the door) runs
+out; after that the statement's deadline bounds the wait. When the lookup that was to send
+the query gives up before it holds a connection (its own time ran out, it got no connection,
+it was killed), the others go on, with their own time, in the next gathering. A query that
+fails once sent fails every lookup it answers: a connection found broken costs the whole
 gathering its 503, where each request with a query of its own would have paid for its own
 connection only.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -41,30 +47,33 @@ MAX_KEYS = 500  # a gathering this large is sent as it is; later lookups start t
 class _Gathering:
     """Lookups that go in one query, and, once it returned, its answer."""
 
-    __slots__ = ("done", "error", "keys", "rows", "sent_at")
+    __slots__ = ("closed", "counted", "done", "error", "keys", "rows", "sent_at")
 
     def __init__(self, key: Hashable) -> None:
         self.keys = [key]
+        self.counted = 0  # its lookups counted in `SharedLookups.waiting`
+        self.closed = False  # sent or given up: it counts no longer, and takes no one in
+        self.sent_at = 0.0  # when its query got a connection (0: it did not)
         self.done = Event()
         self.rows: dict[Hashable, Any] = {}
         self.error: BaseException | None = None
-        self.sent_at = 0.0
 
 
 class SharedLookups:
     """Lookups by key for one worker's greenlets: at most `in_flight` queries at once.
 
-    `fetch(keys, waited_s)` runs one query for all `keys` and returns their rows by key, a key
-    without a row left out; `waited_s` is how long the lookup that sends it already waited for
-    its turn, to be taken off its wait for a connection. `turn_timeout()` is how long a lookup
-    may wait for its query to be sent, and `timed_out()` the error when it was not.
-    `waited(seconds)` is told, in each lookup's greenlet, how long it waited for its query to
-    be sent, and `answered(lookups)`, per query, how many lookups it answered.
+    `fetch(keys, waited_s, connected)` runs one query for all `keys` and returns their rows by
+    key, a key without a row left out; `waited_s` is how long the lookup that sends it already
+    waited for its turn, to be taken off its wait for a connection, and `connected()` must be
+    called once it holds one. `turn_timeout()` is how long a lookup may wait for its query to
+    get a connection, and `timed_out()` the error when it did not. `waited(seconds)` is told, in
+    each lookup's greenlet, how long it waited for that, and `answered(lookups)`, per query,
+    how many lookups it answered.
     """
 
     def __init__(
         self,
-        fetch: Callable[[Sequence[Hashable], float], dict[Hashable, Any]],
+        fetch: Callable[[Sequence[Hashable], float, Callable[[], None]], dict[Hashable, Any]],
         *,
         turn_timeout: Callable[[], float],
         timed_out: Callable[[], Exception],
@@ -81,73 +90,110 @@ class SharedLookups:
         self._slots = Slots(in_flight)
         self._max_keys = max_keys
         self._gathering: _Gathering | None = None
-        self._gathered = 0  # lookups in gatherings not yet sent, their senders included
+        self._gathered = 0
 
     @property
     def waiting(self) -> int:
-        """Lookups waiting for their query to be sent: they wait for a connection, in effect."""
+        """Lookups whose query holds no connection yet: they wait for one, in effect."""
         return self._gathered
 
     def get(self, key: Hashable) -> Any:
-        """The row for `key`, or None when there is none. Raises what `fetch` raises, for every
-        lookup of the query, and `timed_out()` when its query was not sent in time."""
+        """The row for `key`, or None when there is none. Raises what the query raised, for
+        every lookup it was sent for, and `timed_out()` when it got no connection in time."""
         asked = time.perf_counter()
-        budget = self._turn_timeout()  # raises at once for a request that may wait no more
-        gathering = self._gathering
-        if gathering is None:
-            return self._send(_Gathering(key), asked, budget)
-        return self._join(gathering, key, asked, budget)
+        deadline = asked + self._turn_timeout()  # raises for a request that may wait no more
+        while True:
+            gathering = self._gathering
+            if gathering is None:
+                return self._send(_Gathering(key), key, asked, deadline)
+            if self._join(gathering, key, asked, deadline):
+                if gathering.error is not None:
+                    raise _again(gathering.error) from gathering.error
+                return gathering.rows.get(key)
+            # Its sender gave up before the query held a connection: this one goes on.
 
-    def _join(self, gathering: _Gathering, key: Hashable, asked: float, budget: float) -> Any:
+    def _join(self, gathering: _Gathering, key: Hashable, asked: float, deadline: float) -> bool:
+        """Wait in `gathering` for its query; whether it was sent (False: it was given up)."""
         gathering.keys.append(key)
-        self._gathered += 1
+        self._count(gathering, 1)
         if len(gathering.keys) >= self._max_keys:
             self._gathering = None
         try:
-            # Whoever sends the query sets `done` on every way out, but may have more time to
-            # wait for its turn than this lookup has left: then this one leaves unsent.
-            if not gathering.done.wait(budget) and not gathering.sent_at:
-                gathering.keys.remove(key)
-                self._gathered -= 1
-                raise self._timed_out()
-            gathering.done.wait()  # sent: the statement's deadline bounds the rest
+            gathering.done.wait(max(0.0, deadline - time.perf_counter()))
+            if not gathering.sent_at and not gathering.done.is_set():
+                raise self._timed_out()  # its own time ran out first
+            gathering.done.wait()  # it holds a connection: the statement's deadline bounds this
+        except BaseException:
+            self._waited(time.perf_counter() - asked)
+            raise
         finally:
-            self._waited((gathering.sent_at or time.perf_counter()) - asked)
-        if gathering.error is not None:
-            raise gathering.error
-        return gathering.rows.get(key)
+            if not gathering.closed:  # leaving, out of time or killed
+                self._count(gathering, -1)
+        if not gathering.sent_at:
+            return False  # its wait goes on, and is told once it ends
+        self._waited(gathering.sent_at - asked)
+        return True
 
-    def _send(self, gathering: _Gathering, asked: float, budget: float) -> Any:
+    def _send(self, gathering: _Gathering, key: Hashable, asked: float, deadline: float) -> Any:
         try:
             if not self._slots.take_now():
-                self._gather(gathering, asked, budget)
-            gathering.sent_at = time.perf_counter()
-            self._waited(gathering.sent_at - asked)
+                self._gather(gathering, asked, deadline)
             try:
-                gathering.rows = self._fetch(gathering.keys, gathering.sent_at - asked)
+                self._waited(time.perf_counter() - asked)
+                gathering.rows = self._fetch(
+                    gathering.keys, time.perf_counter() - asked, lambda: self._sent(gathering)
+                )
             finally:
                 self._slots.give()
             self._answered(len(gathering.keys))
         except Exception as exc:
-            gathering.error = exc
+            if gathering.sent_at:  # the query's own failure; before that, the others go on
+                gathering.error = exc
             raise
-        except BaseException:  # killed: the others must not wait for a query that never runs
-            gathering.error = DatabaseUnavailable("the query for this lookup was abandoned")
+        except BaseException:  # killed: a query sent for the others will not be answered
+            if gathering.sent_at:
+                gathering.error = DatabaseUnavailable("the query for this lookup was abandoned")
             raise
         finally:
+            self._close(gathering)  # given up unsent, if it got no connection
             gathering.done.set()
-        return gathering.rows.get(gathering.keys[0])
+        return gathering.rows.get(key)
 
-    def _gather(self, gathering: _Gathering, asked: float, budget: float) -> None:
+    def _gather(self, gathering: _Gathering, asked: float, deadline: float) -> None:
         """Wait for a turn, while later lookups join `gathering`."""
         self._gathering = gathering
-        self._gathered += 1
+        self._count(gathering, 1)
         try:
-            turned = self._slots.wait(budget)
+            turned = self._slots.wait(max(0.0, deadline - time.perf_counter()))
         finally:
             if self._gathering is gathering:
                 self._gathering = None
-            self._gathered -= len(gathering.keys)
         if not turned:
             self._waited(time.perf_counter() - asked)
             raise self._timed_out()
+
+    def _sent(self, gathering: _Gathering) -> None:
+        gathering.sent_at = time.perf_counter()
+        self._close(gathering)
+
+    def _close(self, gathering: _Gathering) -> None:
+        if not gathering.closed:
+            gathering.closed = True
+            self._count(gathering, -gathering.counted)
+            if self._gathering is gathering:
+                self._gathering = None
+
+    def _count(self, gathering: _Gathering, n: int) -> None:
+        gathering.counted += n
+        self._gathered += n
+
+
+def _again(error: BaseException) -> BaseException:
+    """The error of a shared query, for one more of its lookups: a copy of its own, so that
+    the lookups' tracebacks do not pile up on one exception."""
+    try:
+        again = copy.copy(error)
+    except Exception:  # one that cannot be copied: what the service answers it with
+        again = DatabaseUnavailable(str(error))
+    again.__traceback__ = None
+    return again

@@ -11,7 +11,7 @@ in one 201 and one 409, never in two rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg2.errors
@@ -86,9 +86,12 @@ def shared_lookups() -> SharedLookups:
     )
 
 
-def _users_by_id(ids: Sequence[int], waited_s: float) -> dict[int, dict]:
+def _users_by_id(
+    ids: Sequence[int], waited_s: float, connected: Callable[[], None]
+) -> dict[int, dict]:
     # The wait for its turn counts against the wait for a connection.
-    with get_db(current_pool().timeout - waited_s, autocommit=True) as db:
+    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+        connected()
         db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
         return {row["id"]: row for row in db.fetchall()}
 

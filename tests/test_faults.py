@@ -567,23 +567,36 @@ def test_a_storm_on_a_stalled_database_gets_2000_quick_503s_and_leaves_the_pools
     }
 
 
-def test_with_a_waiting_cap_excess_requests_get_503_at_once(pg, tmp_path, figures):
+@pytest.mark.parametrize(
+    ("name", "path", "sent"),
+    [
+        # A page of users: each worker lends its connections, one request on each.
+        ("page", ONE_EACH, POOL_MAX),
+        # A user by id: each worker's first lookup goes alone; those after it gather behind it
+        # (service/lookups.py) and count as waiting, as the door's waiters do.
+        ("lookup", USER, 1),
+    ],
+)
+def test_with_a_waiting_cap_excess_requests_get_503_at_once(
+    pg, tmp_path, figures, name, path, sent
+):
     cap, n = 10, 400
-    with own_service(pg, "faults_cap", tmp_path, DB_POOL_MAX_WAITING=str(cap)) as (gunicorn, dsn):
+    env = {"DB_POOL_MAX_WAITING": str(cap)}
+    with own_service(pg, f"faults_cap_{name}", tmp_path, **env) as (gunicorn, dsn):
         conns = connected(gunicorn.port, n)
         with users_locked(dsn):
-            outcomes, _, lasted = storm(gunicorn.port, conns, path=ONE_EACH)
+            outcomes, _, lasted = storm(gunicorn.port, conns, path=path)
         # No more at once than one worker admits (its connections and its waiters), however
         # the two workers happen to share them: more would be turned away by the cap.
-        assert statuses(burst(gunicorn.port, ONE_EACH, 40, cap)) == {"200": 40}
+        assert statuses(burst(gunicorn.port, path, 40, cap)) == {"200": 40}
 
     assert_unavailable(outcomes)
     assert statuses(outcomes) == {"503": n}
-    admitted = WORKERS * (POOL_MAX + cap)  # each worker: connections lent, and its waiters
+    admitted = WORKERS * (sent + cap)  # each worker: requests sent to the server, and waiters
     turned_away = sorted(outcomes, key=lambda o: o.seconds)[: n - admitted]
     assert {o.code for o in turned_away} == {"pool_timeout"}
     assert max(o.seconds for o in turned_away) < POOL_TIMEOUT_S / 2
-    figures["4_waiting_cap"] = {
+    figures[f"4_waiting_cap_{name}"] = {
         "cap": cap,
         "requests": statuses(outcomes),
         "turned_away_latency": latency(turned_away),

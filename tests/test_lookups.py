@@ -10,6 +10,7 @@ import logging
 import time
 
 import gevent
+from gevent.event import Event
 from pgutil import users_locked
 from prometheus_client import REGISTRY
 
@@ -43,14 +44,16 @@ def lookups(
     pool, fetched: list, *, max_keys=500, sleep_s=0.0, failing=None, budgets=None
 ) -> SharedLookups:
     """Lookups of users' emails through a real pool; each query's keys go into `fetched`. The
-    first query sleeps `sleep_s` in the server; the others raise `failing[0]` if there is one.
-    A greenlet in `budgets` may wait that long for its query to be sent, any other 5 s."""
+    first query sleeps `sleep_s` in the server; the others, once they hold a connection, raise
+    `failing[0]` if there is one. A greenlet in `budgets` may wait that long for its query to
+    get a connection, any other 5 s."""
 
-    def fetch(keys, waited_s):
+    def fetch(keys, waited_s, connected):
         fetched.append(list(keys))
-        if failing and len(fetched) > 1:
-            raise failing[0]
         with pool.connection(autocommit=True) as cur:
+            connected()
+            if failing and len(fetched) > 1:
+                raise failing[0]
             cur.execute(
                 "SELECT id, email FROM users, pg_sleep(%s) WHERE id = ANY(%s)",
                 (sleep_s if len(fetched) == 1 else 0, list(keys)),
@@ -131,7 +134,7 @@ def test_a_gathering_is_sent_once_it_holds_max_keys(make_pool, admin):
 
 def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin):
     """A later lookup may have less time left than the one that will send the query (it
-    waited longer at the app's door): it gives up at its own deadline, and its key stays out."""
+    waited longer at the app's door): it gives up at its own deadline."""
     ids = list(seed(admin, 3))
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets)
@@ -148,7 +151,7 @@ def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin
     assert shared.waiting == 1
     gevent.joinall([first, sender], timeout=10, raise_error=True)
     assert (first.value, sender.value) == ("u1@example.com", "u2@example.com")
-    assert fetched == [ids[:1], ids[1:2]]
+    assert len(fetched) == 2
     assert shared.waiting == 0
 
 
@@ -162,7 +165,10 @@ def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
     gevent.joinall([first, *rest], timeout=10)
 
     assert first.value == "u1@example.com"
-    assert [g.exception for g in rest] == failing * 3
+    errors = [g.exception for g in rest]
+    assert [(type(e), e.args) for e in errors] == [(DatabaseUnavailable, failing[0].args)] * 3
+    # Each its own copy, tied to the query's: tracebacks do not pile up on one exception.
+    assert all(e.__cause__ is failing[0] for e in errors[1:])
     assert fetched == [ids[:1], ids[1:]]
     assert shared.waiting == 0
     failing.clear()
@@ -170,6 +176,7 @@ def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
 
 
 def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
+    """The lookup that was to send the query is killed before its turn: the others go on."""
     ids = list(seed(admin, 3))
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
@@ -180,12 +187,100 @@ def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
     follower = gevent.spawn(shared.get, ids[2])
     wait_for(lambda: shared.waiting == 2, "the follower to join")
     sender.kill(timeout=5)
-    follower.join(timeout=5)
+    wait_for(lambda: shared.waiting == 1, "the follower, in a gathering of its own now")
 
-    assert isinstance(follower.exception, DatabaseUnavailable)
+    assert follower.get(timeout=5) == "u3@example.com"
     assert first.get(timeout=5) == "u1@example.com"
+    assert fetched == [ids[:1], ids[2:]]
     assert shared.waiting == 0
-    assert shared.get(ids[2]) == "u3@example.com"  # the turn the sender held came back
+
+
+def test_when_the_sender_runs_out_of_time_the_others_go_on_with_theirs(make_pool, admin):
+    ids = list(seed(admin, 3))
+    fetched, budgets = [], {}
+    shared = lookups(make_pool(), fetched, sleep_s=0.6, budgets=budgets)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    sender = gevent.spawn(shared.get, ids[1])
+    budgets[sender] = 0.2  # it waited at the door for all but 0.2 s
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    follower = gevent.spawn(shared.get, ids[2])
+    sender.join(timeout=5)
+
+    assert isinstance(sender.exception, TimeoutError)
+    assert not first.ready() and not follower.ready()
+    assert follower.get(timeout=5) == "u3@example.com"
+    assert fetched == [ids[:1], ids[2:]]
+    assert shared.waiting == 0
+
+
+def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(make_pool, admin):
+    """Its turn came, but the pool's one connection is taken: until the query holds it, the
+    lookups in it wait for a connection, each no longer than its own time."""
+    ids = list(seed(admin, 3))
+    pool = make_pool(max_size=1)
+    fetched, budgets = [], {}
+    shared = lookups(pool, fetched, sleep_s=0.3, budgets=budgets)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    released = Event()
+
+    def hold():  # queues for the connection now, and gets it when the first query is done
+        with pool.connection():
+            released.wait(5)
+
+    holder = gevent.spawn(hold)
+    sender = gevent.spawn(shared.get, ids[1])
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    late = gevent.spawn(shared.get, ids[2])
+    budgets[late] = 0.8
+    started = time.monotonic()
+    late.join(timeout=5)
+
+    assert isinstance(late.exception, TimeoutError)
+    assert time.monotonic() - started < 1.5
+    assert first.ready() and not sender.ready()  # the turn came; the connection did not
+    assert shared.waiting == 1  # the sender
+    released.set()
+    assert sender.get(timeout=5) == "u2@example.com"
+    holder.join(timeout=5)
+    assert shared.waiting == 0
+
+
+def test_a_key_asked_twice_answers_each_asker_its_own_row(make_pool, admin):
+    """A lookup that leaves takes out nothing that another lookup of the same key needs."""
+    ids = list(seed(admin, 3))
+    fetched, budgets = [], {}
+    shared = lookups(make_pool(), fetched, sleep_s=0.5, budgets=budgets)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    sender = gevent.spawn(shared.get, ids[1])
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    other = gevent.spawn(shared.get, ids[2])
+    same = gevent.spawn(shared.get, ids[1])
+    budgets[same] = 0.1
+    gevent.joinall([first, sender, other, same], timeout=10)
+
+    assert isinstance(same.exception, TimeoutError)
+    assert (sender.value, other.value) == ("u2@example.com", "u3@example.com")
+    assert shared.waiting == 0
+
+
+def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
+    ids = list(seed(admin, 3))
+    fetched = []
+    shared = lookups(make_pool(), fetched, sleep_s=0.5)
+    first = gevent.spawn(shared.get, ids[0])
+    wait_for(lambda: fetched, "the first query")
+    sender = gevent.spawn(shared.get, ids[1])
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    follower = gevent.spawn(shared.get, ids[2])
+    wait_for(lambda: shared.waiting == 2, "the follower to join")
+    follower.kill(timeout=5)
+
+    assert shared.waiting == 1
+    gevent.joinall([first, sender], timeout=10, raise_error=True)
+    assert shared.waiting == 0
 
 
 def test_a_lookup_with_no_turn_in_time_gets_503_and_logs_its_wait(
