@@ -70,6 +70,20 @@ def lookups(
     )
 
 
+def first_query(shared: SharedLookups, fetched: list, key) -> gevent.Greenlet:
+    """A lookup of `key` whose query is running: the lookups' one turn is taken."""
+    first = gevent.spawn(shared.get, key)
+    wait_for(lambda: fetched, "the first query")
+    return first
+
+
+def gathering_behind(shared: SharedLookups, key) -> gevent.Greenlet:
+    """A lookup of `key` waiting for the turn, while later lookups join its gathering."""
+    sender = gevent.spawn(shared.get, key)
+    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    return sender
+
+
 def test_lookups_arriving_while_a_query_runs_share_the_next_one(make_app, admin, database_url):
     emails = seed(admin)
     ids = list(emails)
@@ -108,8 +122,7 @@ def test_a_lookup_never_joins_a_query_already_sent(make_pool, admin):
     [uid] = seed(admin, 1)
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
-    before = gevent.spawn(shared.get, uid)
-    wait_for(lambda: fetched, "the first query")
+    before = first_query(shared, fetched, uid)
     gevent.sleep(0.1)  # the first query's snapshot is taken: it sleeps in the server
     admin.execute("UPDATE users SET email = 'new@example.com' WHERE id = %s", (uid,))
     after = shared.get(uid)
@@ -123,8 +136,7 @@ def test_a_gathering_is_sent_once_it_holds_max_keys(make_pool, admin):
     ids = list(seed(admin, 8))
     fetched = []
     shared = lookups(make_pool(), fetched, max_keys=3, sleep_s=0.3)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
+    first = first_query(shared, fetched, ids[0])
     rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
     gevent.joinall([first, *rest], timeout=10, raise_error=True)
 
@@ -138,10 +150,8 @@ def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin
     ids = list(seed(admin, 3))
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
-    sender = gevent.spawn(shared.get, ids[1])
-    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    first = first_query(shared, fetched, ids[0])
+    sender = gathering_behind(shared, ids[1])
     late = gevent.spawn(shared.get, ids[2])
     budgets[late] = 0.2
     late.join(timeout=5)
@@ -159,8 +169,7 @@ def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
     ids = list(seed(admin, 4))
     fetched, failing = [], [DatabaseUnavailable("the server went away")]
     shared = lookups(make_pool(), fetched, sleep_s=0.3, failing=failing)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
+    first = first_query(shared, fetched, ids[0])
     rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
     gevent.joinall([first, *rest], timeout=10)
 
@@ -180,10 +189,8 @@ def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
     ids = list(seed(admin, 3))
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
-    sender = gevent.spawn(shared.get, ids[1])  # waits for its turn, gathering
-    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    first = first_query(shared, fetched, ids[0])
+    sender = gathering_behind(shared, ids[1])
     follower = gevent.spawn(shared.get, ids[2])
     wait_for(lambda: shared.waiting == 2, "the follower to join")
     sender.kill(timeout=5)
@@ -199,8 +206,7 @@ def test_when_the_sender_runs_out_of_time_the_others_go_on_with_theirs(make_pool
     ids = list(seed(admin, 3))
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=0.6, budgets=budgets)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
+    first = first_query(shared, fetched, ids[0])
     sender = gevent.spawn(shared.get, ids[1])
     budgets[sender] = 0.2  # it waited at the door for all but 0.2 s
     wait_for(lambda: shared.waiting == 1, "the sender to gather")
@@ -221,8 +227,7 @@ def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(
     pool = make_pool(max_size=1)
     fetched, budgets = [], {}
     shared = lookups(pool, fetched, sleep_s=0.3, budgets=budgets)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
+    first = first_query(shared, fetched, ids[0])
     released = Event()
 
     def hold():  # queues for the connection now, and gets it when the first query is done
@@ -230,8 +235,7 @@ def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(
             released.wait(5)
 
     holder = gevent.spawn(hold)
-    sender = gevent.spawn(shared.get, ids[1])
-    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    sender = gathering_behind(shared, ids[1])
     late = gevent.spawn(shared.get, ids[2])
     budgets[late] = 0.8
     started = time.monotonic()
@@ -252,10 +256,8 @@ def test_a_key_asked_twice_answers_each_asker_its_own_row(make_pool, admin):
     ids = list(seed(admin, 3))
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=0.5, budgets=budgets)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
-    sender = gevent.spawn(shared.get, ids[1])
-    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    first = first_query(shared, fetched, ids[0])
+    sender = gathering_behind(shared, ids[1])
     other = gevent.spawn(shared.get, ids[2])
     same = gevent.spawn(shared.get, ids[1])
     budgets[same] = 0.1
@@ -270,10 +272,8 @@ def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
     ids = list(seed(admin, 3))
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
-    first = gevent.spawn(shared.get, ids[0])
-    wait_for(lambda: fetched, "the first query")
-    sender = gevent.spawn(shared.get, ids[1])
-    wait_for(lambda: shared.waiting == 1, "the sender to gather")
+    first = first_query(shared, fetched, ids[0])
+    sender = gathering_behind(shared, ids[1])
     follower = gevent.spawn(shared.get, ids[2])
     wait_for(lambda: shared.waiting == 2, "the follower to join")
     follower.kill(timeout=5)
