@@ -138,10 +138,11 @@ class SharedLookups:
         try:
             if not self._slots.take_now():
                 self._gather(gathering, asked, deadline)
+            waited_s = time.perf_counter() - asked
             try:
-                self._waited(time.perf_counter() - asked)
+                self._waited(waited_s)
                 gathering.rows = self._fetch(
-                    gathering.keys, time.perf_counter() - asked, lambda: self._sent(gathering)
+                    gathering.keys, waited_s, lambda: self._sent(gathering)
                 )
             finally:
                 self._slots.give()
