@@ -30,6 +30,7 @@ from test_e2e import children, socket_ports, users_locked
 
 from service import schema
 from service.localpg import LocalPostgres
+from service.pool import PING_AFTER_IDLE_S
 
 WORKERS = 2
 POOL_MAX = 4
@@ -388,6 +389,17 @@ def test_a_request_on_a_cut_network_gets_503_within_the_statement_deadline(
     assert outcome.seconds < DEADLINE_S + SLACK_S
     figures["1c_cut_pending"] = {"status": outcome.status, "seconds": round(outcome.seconds, 2)}
     whole_again(proxied_service.port)  # the idle connections cut with it, flushed
+
+
+def test_after_a_cut_connections_idle_past_the_ping_threshold_are_replaced(proxied_service, proxy):
+    """Every connection of both pools idle for longer than PING_AFTER_IDLE_S (10 s) when the
+    network is cut: each is pinged before it is lent, found dead within the connect timeout and
+    replaced, so the service answers again within seconds. (A version of the service that
+    shared lookups between requests left them waiting for ever here.)"""
+    assert statuses(burst(proxied_service.port, USER, 40, 16)) == {"200": 40}
+    gevent.sleep(PING_AFTER_IDLE_S + 1)  # not a wait for readiness: the connections must age
+    proxy.cut()
+    whole_again(proxied_service.port)
 
 
 # --- 2. server restart under load ---------------------------------------------------------------
