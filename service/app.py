@@ -57,9 +57,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         limit=admission.ADMITTED_PER_CONNECTION * settings.db_pool_max,
         timeout=settings.db_pool_timeout,
         max_waiting=settings.db_pool_max_waiting,
-        waiting_inside=lambda: db.waiting(app),
+        # Lookups waiting for a shared query wait for a connection too (service/lookups.py).
+        waiting_inside=lambda: db.waiting(app) + app.extensions[users.LOOKUPS].waiting,
         waiting_changed=metrics.DOOR_WAITING.set,
     )
+    app.extensions[users.LOOKUPS] = users.shared_lookups()
     return app
 
 

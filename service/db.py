@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from flask import Flask, current_app, has_request_context, request
 
 from service import admission, logs, metrics
-from service.pool import Cursor, Pool
+from service.pool import Cursor, Pool, PoolTimeout
 
 EXTENSION = "service.pool"
 
@@ -84,6 +84,17 @@ def get_db(
     statements that must stand or fall together.
     """
     pool = current_pool()
+    return pool.connection(_budget(pool, timeout), _route(), autocommit)
+
+
+def wait_budget(timeout: float | None = None) -> float:
+    """How long the current request may still wait for a connection: `timeout` (default
+    DB_POOL_TIMEOUT) less its wait at the app's door. Raises the pool's `PoolTimeout` when the
+    door turned the request away or nothing is left, as `get_db()` does."""
+    return _budget(current_pool(), timeout)
+
+
+def _budget(pool: Pool, timeout: float | None) -> float:
     if timeout is None:
         timeout = pool.timeout
     ticket = admission.current.get()
@@ -92,8 +103,18 @@ def get_db(
             raise pool.turned_away(ticket.refused)
         timeout -= ticket.waited_s
         if timeout <= 0:
-            raise pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
-    return pool.connection(timeout, _route(), autocommit)
+            raise _out_of_time(pool)
+    return timeout
+
+
+def out_of_time() -> PoolTimeout:
+    """The pool's 503 for a request whose wait for a connection ran out before it reached the
+    pool (at the app's door, or waiting for a shared lookup's turn)."""
+    return _out_of_time(current_pool())
+
+
+def _out_of_time(pool: Pool) -> PoolTimeout:
+    return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
 
 
 def _route() -> str:

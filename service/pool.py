@@ -315,6 +315,12 @@ class Pool:
         return self._timeout
 
     @property
+    def statement_deadline_s(self) -> float:
+        """How long a statement may go unanswered before its connection is given up: the
+        statement timeout and DEADLINE_GRACE_S."""
+        return self._deadline_s
+
+    @property
     def waiting(self) -> int:
         """Greenlets waiting for a free connection now."""
         return self._slots.waiting

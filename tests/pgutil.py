@@ -68,6 +68,20 @@ class Sampler(Generic[T]):
 
 
 @contextmanager
+def users_locked(dsn: str) -> Iterator[None]:
+    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits."""
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL lock_timeout = '5s'")
+            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+@contextmanager
 def only_connection_held(app) -> Iterator[None]:
     """Another greenlet holds the app's one pooled connection (DB_POOL_MAX=1) for the block."""
     from service import db  # the service's, as the app under test uses it

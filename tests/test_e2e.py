@@ -22,7 +22,7 @@ import psycopg2.extensions
 import pytest
 from gevent.event import Event
 from gunicorn_proc import HOST, Gunicorn, access_lines, call, refuses_connections, wait_until
-from pgutil import Sampler, autocommit
+from pgutil import Sampler, autocommit, users_locked
 
 WORKERS = 2
 POOL_MAX = 4
@@ -42,20 +42,6 @@ def server(database_url, tmp_path_factory):
     log = tmp_path_factory.mktemp("e2e") / "gunicorn.log"
     with Gunicorn(database_url, log, **SERVER_ENV) as gunicorn:
         yield gunicorn
-
-
-@contextmanager
-def users_locked(dsn):
-    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits."""
-    conn = psycopg2.connect(dsn, connect_timeout=5)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET LOCAL lock_timeout = '5s'")
-            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
 
 
 def app_backends(cur) -> list[tuple[int, int, str | None]]:
@@ -239,11 +225,12 @@ def test_the_log_names_the_database_but_never_its_password(server, database_url)
 
 @contextmanager
 def requests_on_the_lock(gunicorn: Gunicorn, dsn: str, admin, n: int):
-    """`n` requests for one user, each holding a connection while `users` is locked; yields
-    their greenlets once all of them wait on the lock, and releases it on exit."""
-    [user_id] = seed_users(admin, 1)
+    """`n` requests for a page of users, each holding a connection while `users` is locked;
+    yields their greenlets once all of them wait on the lock, and releases it on exit. (Lookups
+    of one user by id would share queries: service/lookups.py.)"""
+    seed_users(admin, 1)
     with users_locked(dsn):
-        clients = [gevent.spawn(call, gunicorn.port, "GET", f"/users/{user_id}") for _ in range(n)]
+        clients = [gevent.spawn(call, gunicorn.port, "GET", "/users?limit=1") for _ in range(n)]
         wait_until(lambda: waiting_on_lock(admin) == n, 10, "requests on the lock")
         yield clients
 

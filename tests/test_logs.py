@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import re
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import gevent
@@ -17,6 +16,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from gunicorn_proc import HOST, Gunicorn, access_lines, free_port, wait_until
+from pgutil import users_locked
 
 from service import db
 from service.app import create_app
@@ -46,19 +46,6 @@ def log_lines():
 def seed_user(cur) -> int:
     cur.execute("INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id")
     return cur.fetchone()[0]
-
-
-@contextmanager
-def users_locked(dsn: str):
-    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits."""
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        yield
-    finally:
-        conn.rollback()
-        conn.close()
 
 
 def parse_time(text: str) -> datetime:
