@@ -47,11 +47,12 @@ MAX_KEYS = 500  # a gathering this large is sent as it is; later lookups start t
 class _Gathering:
     """Lookups that go in one query, and, once it returned, its answer."""
 
-    __slots__ = ("closed", "counted", "done", "error", "keys", "rows", "sent_at")
+    __slots__ = ("closed", "counted", "done", "error", "keys", "left", "rows", "sent_at")
 
     def __init__(self, key: Hashable) -> None:
         self.keys = [key]
         self.counted = 0  # its lookups counted in `SharedLookups.waiting`
+        self.left = 0  # its lookups that gave up before it was sent
         self.closed = False  # sent or given up: it counts no longer, and takes no one in
         self.sent_at = 0.0  # when its query got a connection (0: it did not)
         self.done = Event()
@@ -98,7 +99,8 @@ class SharedLookups:
 
     @property
     def waiting(self) -> int:
-        """Lookups whose query holds no connection yet: they wait for one, in effect."""
+        """Lookups whose query holds no connection yet: they wait for one, in effect. A sender
+        waiting in the pool is the pool's to count, not counted here too."""
         return self._gathered
 
     def get(self, key: Hashable) -> Any:
@@ -128,8 +130,9 @@ class SharedLookups:
                 if not gathering.sent_at:
                     raise self._timed_out()  # its own time ran out first
                 # Its query holds a connection: the statement's deadline bounds the sender's
-                # wait for the answer, and this one waits that long, and no longer, for it.
-                _wait(gathering.done, self._answer_timeout())
+                # wait for the answer, and this one waits that long from then, no longer.
+                answer_by = gathering.sent_at + self._answer_timeout()
+                _wait(gathering.done, max(0.0, answer_by - time.perf_counter()))
                 if not gathering.done.is_set():
                     raise DatabaseUnavailable("the query for this lookup got no answer in time")
         except BaseException:
@@ -138,6 +141,7 @@ class SharedLookups:
         finally:
             if not gathering.closed:  # leaving, out of time or killed
                 self._count(gathering, -1)
+                gathering.left += 1
         if not gathering.sent_at:
             return False  # its wait goes on, and is told once it ends
         self._waited(gathering.sent_at - asked)
@@ -155,7 +159,7 @@ class SharedLookups:
                 )
             finally:
                 self._slots.give()
-            self._answered(len(gathering.keys))
+            self._answered(len(gathering.keys) - gathering.left)
         except Exception as exc:
             if gathering.sent_at:  # the query's own failure; before that, the others go on
                 gathering.error = exc
@@ -176,6 +180,7 @@ class SharedLookups:
         try:
             turned = self._slots.wait(max(0.0, deadline - time.perf_counter()))
         finally:
+            self._count(gathering, -1)  # the pool counts it, if it now waits for a connection
             if self._gathering is gathering:
                 self._gathering = None
         if not turned:

@@ -49,14 +49,18 @@ def lookups(
     sleep_s=0.0,
     failing=None,
     budgets=None,
+    deadlines=None,
     answer_s=5.0,
     answered=None,
+    told=None,
 ) -> SharedLookups:
     """Lookups of users' emails through a real pool; each query's keys go into `fetched`. The
     first query sleeps `sleep_s` in the server; the others, once they hold a connection, raise
     `failing[0]` if there is one. A greenlet in `budgets` may wait that long for its query to
-    get a connection, any other 5 s; once it does, it waits `answer_s` for the answer.
-    `answered(n)`, if given, runs in the sender once the n-th query has its rows."""
+    get a connection, any other 5 s (its deadline goes into `deadlines`, if given); once it
+    does, it waits `answer_s` for the answer.
+    `answered(n)`, if given, runs in the sender once the n-th query has its rows; `told` gets
+    how many lookups each query answered, as the metrics are told."""
 
     def fetch(keys, waited_s, connected):
         fetched.append(list(keys))
@@ -73,13 +77,19 @@ def lookups(
             answered(len(fetched))
         return rows
 
+    def turn_timeout():
+        budget = (budgets or {}).get(gevent.getcurrent(), 5.0)
+        if deadlines is not None:
+            deadlines[gevent.getcurrent()] = time.perf_counter() + budget
+        return budget
+
     return SharedLookups(
         fetch,
-        turn_timeout=lambda: (budgets or {}).get(gevent.getcurrent(), 5.0),
+        turn_timeout=turn_timeout,
         answer_timeout=lambda: answer_s,
         timed_out=lambda: TimeoutError("no turn"),
         waited=lambda s: None,
-        answered=lambda n: None,
+        answered=told.append if told is not None else lambda n: None,
         max_keys=max_keys,
     )
 
@@ -152,29 +162,38 @@ def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool,
     waits on an Event already set but whose waiters are not yet woken, when the last of those
     then leaves by its timeout: here all but one of the followers waited for ever."""
     ids = list(seed(admin, 6))
-    fetched, budgets, deadlines = [], {}, []
+    fetched, budgets, deadlines, rows_at, woken = [], {}, {}, [], []
     stall = get_original("time", "sleep")  # blocks the whole worker, as a busy worker does
 
     def stall_past_the_deadlines(n):
-        if n == 2:  # the shared query: it has its rows before any follower's deadline
-            assert time.perf_counter() < deadlines[0] - 0.2
-            gevent.spawn(stall, deadlines[0] + 0.2 - time.perf_counter())
-            gevent.sleep(0.001)  # its timer is due first once the stall ends
+        if n == 2:  # the shared query has its rows: the worker stalls past every deadline
+            rows_at.append(time.perf_counter())
+            last = max(deadlines[g] for g in followers)
+            gevent.spawn(stall, last + 0.2 - rows_at[0])
+            gevent.sleep(0.001)  # and this sender's timer is the first due once it ends
+            woken.append(time.perf_counter())
 
     shared = lookups(
-        make_pool(), fetched, sleep_s=0.2, budgets=budgets, answered=stall_past_the_deadlines
+        make_pool(),
+        fetched,
+        sleep_s=0.2,
+        budgets=budgets,
+        deadlines=deadlines,
+        answered=stall_past_the_deadlines,
     )
     first = first_query(shared, fetched, ids[0])
     sender = gathering_behind(shared, ids[1])
     followers = [gevent.Greenlet(shared.get, uid) for uid in ids[2:]]
     for follower in followers:
-        budgets[follower] = 1.0
+        budgets[follower] = 2.0
         follower.start()
     wait_for(lambda: shared.waiting == len(ids) - 1, "the followers to join")
-    deadlines.append(time.perf_counter() + 1.0)  # after the last one's
-    gevent.joinall([first, sender, *followers], timeout=5)
+    gevent.joinall([first, sender, *followers], timeout=8)
 
-    assert time.perf_counter() > deadlines[0]
+    # The case meant: the sender's timer was due before any follower's deadline, and it woke
+    # after the last of them had passed.
+    assert rows_at[0] + 0.001 < min(deadlines[g] for g in followers)
+    assert woken[0] > max(deadlines[g] for g in followers)
     emails = [f"u{i}@example.com" for i in range(1, 7)]
     assert [g.value for g in (first, sender, *followers)] == emails
     assert fetched == [ids[:1], ids[1:]]
@@ -182,34 +201,37 @@ def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool,
 
 
 def test_lookups_wait_for_a_sent_query_no_longer_than_the_answer_timeout(make_pool, admin):
-    """The sender holds its connection and its answer is late: each follower waits its own
-    time, then `answer_timeout()` more, and gets DatabaseUnavailable; the sender its row later.
-    A sender lost for good costs its followers a 503, never a wait without end."""
+    """The sender holds its connection and its answer is late: each follower waits
+    `answer_timeout()` from then (its own time for a connection ended earlier) and gets
+    DatabaseUnavailable; the sender its row later. A sender lost for good costs its
+    followers a 503, never a wait without end."""
     ids = list(seed(admin, 4))
-    fetched, budgets = [], {}
+    fetched, budgets, sent = [], {}, []
 
     def late(n):
         if n == 2:
-            gevent.sleep(2.0)
+            sent.append(time.monotonic())
+            gevent.sleep(4.0)
 
     shared = lookups(
-        make_pool(), fetched, sleep_s=0.2, budgets=budgets, answer_s=0.3, answered=late
+        make_pool(), fetched, sleep_s=0.2, budgets=budgets, answer_s=1.5, answered=late
     )
     first = first_query(shared, fetched, ids[0])
     sender = gathering_behind(shared, ids[1])
-    started = time.monotonic()
     followers = [gevent.Greenlet(shared.get, uid) for uid in ids[2:]]
     for follower in followers:
-        budgets[follower] = 0.8
+        budgets[follower] = 1.0
         follower.start()
-    gevent.joinall(followers, timeout=5)
-    waited = time.monotonic() - started
+    gevent.joinall(followers, timeout=8)
+    left = time.monotonic()
 
-    assert [type(g.exception) for g in followers] == [DatabaseUnavailable] * 2
-    assert len(fetched) == 2  # they were sent, and left while the answer was late
-    assert 1.0 <= waited < 1.9
+    assert [str(g.exception) for g in followers] == [
+        "the query for this lookup got no answer in time"
+    ] * 2
+    assert all(isinstance(g.exception, DatabaseUnavailable) for g in followers)
+    assert 1.4 <= left - sent[0] < 2.1  # 1.5 s from the send, not their own time + 1.5 s
     assert not sender.ready()
-    assert sender.get(timeout=5) == "u2@example.com"
+    assert sender.get(timeout=8) == "u2@example.com"
     assert first.get(timeout=5) == "u1@example.com"
     assert shared.waiting == 0
 
@@ -230,8 +252,8 @@ def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin
     """A later lookup may have less time left than the one that will send the query (it
     waited longer at the app's door): it gives up at its own deadline."""
     ids = list(seed(admin, 3))
-    fetched, budgets = [], {}
-    shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets)
+    fetched, budgets, told = [], {}, []
+    shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets, told=told)
     first = first_query(shared, fetched, ids[0])
     sender = gathering_behind(shared, ids[1])
     late = gevent.spawn(shared.get, ids[2])
@@ -244,6 +266,7 @@ def test_a_lookup_leaves_a_gathering_when_its_own_wait_runs_out(make_pool, admin
     gevent.joinall([first, sender], timeout=10, raise_error=True)
     assert (first.value, sender.value) == ("u1@example.com", "u2@example.com")
     assert len(fetched) == 2
+    assert told == [1, 1]  # the second query was not sent for the lookup that left
     assert shared.waiting == 0
 
 
@@ -326,7 +349,7 @@ def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(
     assert isinstance(late.exception, TimeoutError)
     assert time.monotonic() - started < 1.5
     assert first.ready() and not sender.ready()  # the turn came; the connection did not
-    assert shared.waiting == 1  # the sender
+    assert (shared.waiting, pool.waiting) == (0, 1)  # the sender, counted once, by the pool
     released.set()
     assert sender.get(timeout=5) == "u2@example.com"
     holder.join(timeout=5)
