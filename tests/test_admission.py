@@ -89,6 +89,22 @@ def test_past_the_waiting_cap_the_door_turns_a_request_away_at_once():
     gevent.joinall(visitors, timeout=5, raise_error=True)
 
 
+def test_the_waiting_cap_holds_with_places_free_when_enough_wait_inside():
+    """A door wider than the cap: those inside wait for a connection, so the cap turns the next
+    request away although a place is free."""
+    inside = [0]
+    door = Door(limit=8, timeout=10.0, max_waiting=3, waiting_inside=lambda: inside[0])
+    assert door.enter() == Ticket(0.0, True)
+    inside[0] = 3
+    assert door.enter() == Ticket(0.0, False, "3 requests already wait for a connection")
+    assert door.inside == 1
+    inside[0] = 2
+    assert door.enter() == Ticket(0.0, True)
+    door.leave()
+    door.leave()
+    assert door.inside == 0
+
+
 def test_a_request_killed_at_the_door_leaves_no_place_taken():
     door = a_door(limit=1)
     release = Event()
