@@ -101,6 +101,14 @@ def first_query(shared: SharedLookups, fetched: list, key) -> gevent.Greenlet:
     return first
 
 
+def follower_in(shared: SharedLookups, key) -> gevent.Greenlet:
+    """A lookup of `key` that joined the gathering waiting for the turn."""
+    before = shared.waiting
+    follower = gevent.spawn(shared.get, key)
+    wait_for(lambda: shared.waiting == before + 1, "the follower to join")
+    return follower
+
+
 def gathering_behind(shared: SharedLookups, key) -> gevent.Greenlet:
     """A lookup of `key` waiting for the turn, while later lookups join its gathering."""
     sender = gevent.spawn(shared.get, key)
@@ -296,8 +304,7 @@ def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
     first = first_query(shared, fetched, ids[0])
     sender = gathering_behind(shared, ids[1])
-    follower = gevent.spawn(shared.get, ids[2])
-    wait_for(lambda: shared.waiting == 2, "the follower to join")
+    follower = follower_in(shared, ids[2])
     sender.kill(timeout=5)
     wait_for(lambda: shared.waiting == 1, "the follower, in a gathering of its own now")
 
@@ -379,8 +386,7 @@ def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
     first = first_query(shared, fetched, ids[0])
     sender = gathering_behind(shared, ids[1])
-    follower = gevent.spawn(shared.get, ids[2])
-    wait_for(lambda: shared.waiting == 2, "the follower to join")
+    follower = follower_in(shared, ids[2])
     follower.kill(timeout=5)
 
     assert shared.waiting == 1
