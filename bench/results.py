@@ -1,7 +1,8 @@
 """The figures of one bench run, as measured: what the report is rendered from.
 
 Kept as `bench/results.json` beside the report, so that every number in RESULTS.md can be
-traced back to one run.
+traced back to one run. A run measures each variant at each level in several rounds; every
+round is kept, and the report judges by the median round.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Cell:
     cpu: CpuUse
     listen_overflows: int  # connections the kernel dropped from full accept queues meanwhile
     clients: int | None = None
+    round: int = 1  # which round of the run measured it, from 1
 
     @property
     def socket_errors(self) -> int:
@@ -63,6 +65,7 @@ class Cell:
         peak: Peak,
         cpu: CpuUse,
         listen_overflows: int,
+        round: int = 1,
     ) -> Cell:
         return cls(
             variant=variant,
@@ -82,11 +85,18 @@ class Cell:
             requests=wrk.requests,
             cpu=cpu,
             listen_overflows=listen_overflows,
+            round=round,
         )
 
     @classmethod
     def from_pgbench(
-        cls, concurrency: int, result: PgbenchResult, peak: Peak, cpu: CpuUse, listen_overflows: int
+        cls,
+        concurrency: int,
+        result: PgbenchResult,
+        peak: Peak,
+        cpu: CpuUse,
+        listen_overflows: int,
+        round: int = 1,
     ) -> Cell:
         ok = result.transactions - result.failed
         return cls(
@@ -108,6 +118,7 @@ class Cell:
             cpu=cpu,
             listen_overflows=listen_overflows,
             clients=result.clients,
+            round=round,
         )
 
 
@@ -123,11 +134,15 @@ class Run:
     server_logs: dict[str, dict[str, int]] = field(default_factory=dict)  # variant: counts
     logs_folder: str = ""
 
+    def rounds(self, variant: str, concurrency: int) -> list[Cell]:
+        """Every round of one variant at one level, in the order they ran."""
+        return [c for c in self.cells if (c.variant, c.concurrency) == (variant, concurrency)]
+
     def cell(self, variant: str, concurrency: int) -> Cell | None:
-        for cell in self.cells:
-            if (cell.variant, cell.concurrency) == (variant, concurrency):
-                return cell
-        return None
+        """The median round by ok req/s: with an even number of rounds, the slower of the
+        middle two. One round's figures together (its p99 is that round's p99), not a mix."""
+        found = sorted(self.rounds(variant, concurrency), key=lambda c: c.ok_rps)
+        return found[(len(found) - 1) // 2] if found else None
 
     def levels(self) -> list[int]:
         return sorted({cell.concurrency for cell in self.cells})
