@@ -29,7 +29,7 @@ test: $(BIN)/.installed
 # make bench   the service against per-request connections, a psycopg 3 peer, its own /healthz
 #              and pgbench, at 50 to 10,000 connections: writes bench/RESULTS.md and results.png
 # BENCH_ARGS passes flags through, e.g. a quick run:
-#   make bench BENCH_ARGS="--levels 50,500 --duration 5"
+#   make bench BENCH_ARGS="--levels 50,500 --duration 5 --rounds 1"
 
 BENCH_ARGS ?=
 

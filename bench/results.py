@@ -65,7 +65,7 @@ class Cell:
         peak: Peak,
         cpu: CpuUse,
         listen_overflows: int,
-        round: int = 1,
+        round_: int = 1,
     ) -> Cell:
         return cls(
             variant=variant,
@@ -85,18 +85,12 @@ class Cell:
             requests=wrk.requests,
             cpu=cpu,
             listen_overflows=listen_overflows,
-            round=round,
+            round=round_,
         )
 
     @classmethod
     def from_pgbench(
-        cls,
-        concurrency: int,
-        result: PgbenchResult,
-        peak: Peak,
-        cpu: CpuUse,
-        listen_overflows: int,
-        round: int = 1,
+        cls, concurrency: int, result: PgbenchResult, peak: Peak, cpu: CpuUse, listen_overflows: int
     ) -> Cell:
         ok = result.transactions - result.failed
         return cls(
@@ -118,7 +112,6 @@ class Cell:
             cpu=cpu,
             listen_overflows=listen_overflows,
             clients=result.clients,
-            round=round,
         )
 
 
@@ -131,6 +124,8 @@ class Run:
     variants: dict[str, str]  # name: what it is
     connect_times: ConnectTimes | None = None
     cells: list[Cell] = field(default_factory=list)
+    planned_rounds: int = 1  # of each HTTP variant at each level
+    failures: list[str] = field(default_factory=list)  # what failed, where, and why
     server_logs: dict[str, dict[str, int]] = field(default_factory=dict)  # variant: counts
     logs_folder: str = ""
 
@@ -139,8 +134,9 @@ class Run:
         return [c for c in self.cells if (c.variant, c.concurrency) == (variant, concurrency)]
 
     def cell(self, variant: str, concurrency: int) -> Cell | None:
-        """The median round by ok req/s: with an even number of rounds, the slower of the
-        middle two. One round's figures together (its p99 is that round's p99), not a mix."""
+        """The median round by ok req/s (the run makes an odd number of rounds; of an even
+        number, left by a failure, the slower middle one). One round's figures together: its
+        p99 is that round's p99, not a mix."""
         found = sorted(self.rounds(variant, concurrency), key=lambda c: c.ok_rps)
         return found[(len(found) - 1) // 2] if found else None
 
@@ -156,6 +152,8 @@ class Run:
         data = json.loads(path.read_text())
         times = data.pop("connect_times")
         cells = data.pop("cells")
+        # Saved before the plan was kept: as many rounds as it holds (1 before rounds existed).
+        data.setdefault("planned_rounds", max((c.get("round", 1) for c in cells), default=1))
         run = cls(**data)
         if times is not None:
             run.connect_times = ConnectTimes(**{k: Timing(**v) for k, v in times.items()})

@@ -11,8 +11,9 @@ a slow spell fell on one variant's whole row and moved every ratio with it.
 Within a level, the HTTP variants take turns in rounds (3 by default), each round in an order
 shifted by one, and the report judges by the median round. With one round, a slow spell that
 fell on one cell decided a goal: of eleven one-round runs, three missed pooled >= 1.5 x peer in
-one cell while their other cells met it by a wide margin. pgbench, which no goal compares
-with, runs once per level.
+one cell while their other cells met it by a wide margin. The rounds of a level span about
+5 minutes, so the medians compared can be minutes apart; the report lists each round's own
+ratio beside them. pgbench, which no goal compares with, runs once per level.
 Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the seed's
 "Before vs After" table and the goals. Installs nothing: `make bench` installs wrk.
 """
@@ -90,16 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         run.connect_times = connect_time.measure(dsn)
         logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         run.logs_folder = str(logs)
-        http = [name for name in args.variants if name != "database"]
         for level in args.levels:
-            turns = [
-                (round_, name)
-                for round_ in range(1, args.rounds + 1)
-                for name in _shifted(http, round_ - 1)
-            ]
-            if "database" in args.variants:
-                turns.append((1, "database"))
-            for round_, name in turns:
+            for round_, name in turns(args.variants, args.rounds):
                 if name in failed:
                     continue
                 try:
@@ -110,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     print(f"bench: {name} failed, going on without it: {exc}", file=sys.stderr)
                     failed.append(name)
+                    run.failures.append(f"{name} at {level:,}, round {round_}: {exc}")
     finally:
         if sampler is not None:
             sampler.close()
@@ -141,9 +135,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rounds",
-        type=_positive,
+        type=_odd,
         default=ROUNDS,
-        help="rounds of every HTTP variant per level; the report takes the median "
+        help="rounds of every HTTP variant per level, odd; the report takes the median round "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -171,17 +165,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("give a positive whole number")
+def turns(variants: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, variant) in the order one level measures them: the HTTP variants round after
+    round, each round's order starting one further along, so that no variant always runs first
+    on a fresh level, or always last; then pgbench once."""
+    http = [name for name in variants if name != "database"]
+    order = [
+        (round_, http[(round_ - 1 + i) % len(http)])
+        for round_ in range(1, rounds + 1)
+        for i in range(len(http))
+    ]
+    return [*order, (1, "database")] if "database" in variants else order
+
+
+def _odd(text: str) -> int:
+    """An odd number of rounds has a median round; of two, which would be "the median"?"""
+    if not text.isdigit() or int(text) % 2 == 0:
+        raise argparse.ArgumentTypeError("give an odd whole number: 1, 3, 5, ...")
     return int(text)
-
-
-def _shifted(names: list[str], by: int) -> list[str]:
-    """The variants' order for one round: each round starts one further along, so that no
-    variant always runs first after a level's start or right after the same neighbour."""
-    by %= max(len(names), 1)
-    return names[by:] + names[:by]
 
 
 def _int_list(text: str) -> list[int]:
@@ -223,6 +224,7 @@ def _new_run(args: argparse.Namespace, server: LocalPostgres) -> Run:
         machine=host.describe(pg_version),
         settings=_settings(args, pg_version),
         variants=variants,
+        planned_rounds=args.rounds,
     )
 
 
