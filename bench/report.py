@@ -342,7 +342,7 @@ def _rounds_note(run: Run) -> str:
         "turns within a round (in an order that shifts by one each round), each round on a "
         "fresh server. A cell shows the median round and, in brackets, the slowest and the "
         "fastest round; the ratios of the goals are taken between median rounds, which may "
-        "be different rounds of the two variants (a level's rounds span about 5 minutes)."
+        "be different rounds of the two variants (a level's rounds span several minutes)."
     )
 
 

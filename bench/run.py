@@ -8,11 +8,11 @@ variants a ratio compares run within a minute or two of each other: this machine
 by up to 30% over minutes, and measured variant by variant (all levels of one, then the next),
 a slow spell fell on one variant's whole row and moved every ratio with it.
 
-Within a level, the HTTP variants take turns in rounds (3 by default), each round in an order
+Within a level, the HTTP variants take turns in rounds (5 by default), each round in an order
 shifted by one, and the report judges by the median round. With one round, a slow spell that
 fell on one cell decided a goal: of eleven one-round runs, three missed pooled >= 1.5 x peer in
-one cell while their other cells met it by a wide margin. The rounds of a level span about
-5 minutes, so the medians compared can be minutes apart; the report lists each round's own
+one cell while their other cells met it by a wide margin. The rounds of a level span several
+minutes, so the medians compared can be minutes apart; the report lists each round's own
 ratio beside them. pgbench, which no goal compares with, runs once per level.
 Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the seed's
 "Before vs After" table and the goals. Installs nothing: `make bench` installs wrk.
@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 LEVELS = (50, 500, 5000, 10_000)
 VARIANTS = ("pooled", "ceiling", "per-request", "peer", "database")
 DURATION_S = 15
-ROUNDS = 3
+ROUNDS = 5
 USERS = 10_000
 # Enough for the per-request variant up to 1,000 requests in flight (10 times PostgreSQL's
 # default), plus the pools and pgbench; beyond that PostgreSQL refuses, as a real one would.
