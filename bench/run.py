@@ -4,7 +4,7 @@ Starts a throwaway PostgreSQL with seeded users and measures what a connection c
 pooled checkout. Then, at each concurrency level in turn, it measures every variant: an HTTP
 variant on a gunicorn started for it, warmed up, then loaded with wrk while the server
 connections are sampled; the database variant with pgbench. Level by level, so that the
-variants a ratio compares run within a minute or two of each other: this machine's speed drifts
+variants a ratio compares run within minutes of each other: this machine's speed drifts
 by up to 30% over minutes, and measured variant by variant (all levels of one, then the next),
 a slow spell fell on one variant's whole row and moved every ratio with it.
 
@@ -14,6 +14,7 @@ fell on one cell decided a goal: of eleven one-round runs, three missed pooled >
 one cell while their other cells met it by a wide margin. The rounds of a level span several
 minutes, so the medians compared can be minutes apart; the report lists each round's own
 ratio beside them. pgbench, which no goal compares with, runs once per level.
+
 Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the seed's
 "Before vs After" table and the goals. Installs nothing: `make bench` installs wrk.
 """
@@ -131,7 +132,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="concurrency levels, comma separated (default: %(default)s)",
     )
     parser.add_argument(
-        "--duration", type=int, default=DURATION_S, help="seconds per level (default: %(default)s)"
+        "--duration", type=int, default=DURATION_S, help="seconds per round (default: %(default)s)"
     )
     parser.add_argument(
         "--rounds",
