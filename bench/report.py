@@ -102,26 +102,28 @@ def _c10k_goals(run: Run) -> list[Goal]:
         "timeout": sum(c.timeouts for c in cells),
     }
     kinds = ", ".join(f"{kind} {n}" for kind, n in errors.items())
+    socket_errors = sum(c.socket_errors for c in cells)
     non_2xx = sum(c.non_2xx for c in cells)
     return [
         Goal(
             f"at {C10K:,}: {_C10K_WHAT[0]}",
-            not short and sum(errors.values()) == 0,
-            f"{sum(errors.values())}{over} ({kinds}){tail}",
+            not short and socket_errors == 0,
+            f"{socket_errors}{over} ({kinds}){tail}",
         ),
         Goal(f"at {C10K:,}: {_C10K_WHAT[1]}", not short and non_2xx == 0, f"{non_2xx}{over}{tail}"),
-        _fair_wait_goal(cells, short),
+        _fair_wait_goal(cells, short, tail),
     ]
 
 
-def _fair_wait_goal(cells: list[Cell], short: str) -> Goal:
+def _fair_wait_goal(cells: list[Cell], short: str, tail: str) -> Goal:
     """p99 within LITTLE_FACTOR times Little's mean wait in every round, shown for the round
     where it stands highest against its own bound. A round that answered nothing has no p99
     and fails."""
     worst = max(cells, key=_p99_over_little)
+    ratio = _p99_over_little(worst)
     name = f"at {C10K:,}: {_C10K_WHAT[2]}"
     which = f" (the worst of {len(cells)} rounds: round {worst.round})" if len(cells) > 1 else ""
-    if math.isinf(_p99_over_little(worst)):
+    if math.isinf(ratio):
         return Goal(name, False, f"round {worst.round} answered nothing")
     loose = (
         f"; but {worst.listen_overflows:,} connection attempts overflowed the accept queue in "
@@ -133,10 +135,9 @@ def _fair_wait_goal(cells: list[Cell], short: str) -> Goal:
     wait = little_wait_ms(worst)
     return Goal(
         name,
-        not short and _p99_over_little(worst) <= LITTLE_FACTOR,
+        not short and ratio <= LITTLE_FACTOR,
         f"p99 {worst.p99_ms:,.0f} ms vs {LITTLE_FACTOR:g} x {wait:,.0f} ms = "
-        f"{LITTLE_FACTOR * wait:,.0f} ms (ratio {_p99_over_little(worst):.2f}){which}{loose}"
-        + (f"; {short}" if short else ""),
+        f"{LITTLE_FACTOR * wait:,.0f} ms (ratio {ratio:.2f}){which}{loose}{tail}",
     )
 
 
