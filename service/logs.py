@@ -8,6 +8,9 @@ routes its own log, the app's and this module's access log through `JsonFormatte
 One access line per request, written by the app once the response is built, so that it knows
 what gunicorn cannot: the route that matched and how long the request waited for a database
 connection (`pool_wait_ms`: at the app's door and in the pool, summed over its checkouts).
+It is the one line every request writes, so it goes straight to stdout in the same format,
+past `logging`'s records, hierarchy and handler lock; the `service.access` logger's level
+still switches it off (above INFO).
 The request id comes from the `X-Request-ID` header when it is safe to echo (1-128 of
 `A-Z a-z 0-9 . _ -`), else it is a new uuid4; it is sent back on every response, errors
 included.
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import sys
 import time
 import uuid
 from contextvars import ContextVar
@@ -102,43 +107,74 @@ def _log_access(exc: BaseException | None) -> None:
             duration_s = time.perf_counter() - current.started
             served = request._get_current_object()  # one context lookup, not one per field
             rule = served.url_rule
-            fields = {
-                "method": served.method,
-                "route": rule.rule if rule is not None else None,
-                "path": served.path,
-                "status": current.status,
-                "duration_ms": round(duration_s * 1000, 3),
-                "pool_wait_ms": round(current.pool_wait_s * 1000, 3),
-                "remote_addr": served.remote_addr,
-            }
-            access_log.info(
-                "%s %s %s", served.method, served.path, current.status, extra={"access": fields}
+            line = _line(
+                time.time(),
+                "INFO",
+                access_log.name,
+                f"{served.method} {served.path} {current.status}",
+                current,
+                os.getpid(),
             )
+            line["method"] = served.method
+            line["route"] = rule.rule if rule is not None else None
+            line["path"] = served.path
+            line["status"] = current.status
+            line["duration_ms"] = round(duration_s * 1000, 3)
+            line["pool_wait_ms"] = round(current.pool_wait_s * 1000, 3)
+            line["remote_addr"] = served.remote_addr
+            _write(_encode(line))
     finally:
         _current.set(None)
 
 
+def _write(text: str) -> None:
+    """One line to stdout, at once: a worker's greenlets share one thread and the write does not
+    yield, so lines never interleave. A request never fails for its log line: a closed or broken
+    stdout loses the line, as `logging` would (it prints the error to stderr instead)."""
+    stream = sys.stdout
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; access records add their fields (see the module doc)."""
+    """One JSON object per record (see the module doc)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        current = _current.get()
-        line = {
-            "time": _utc_iso(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-            "request_id": current.id if current is not None else None,
-            "pid": record.process,
-        }
-        access = getattr(record, "access", None)
-        if access is not None:
-            line.update(access)
+        line = _line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            _current.get(),
+            record.process,
+        )
         if record.exc_info:
             line["exception"] = redact(self.formatException(record.exc_info))
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return _encode(line)
+
+
+def _line(
+    created: float,
+    level: str,
+    logger: str,
+    message: str,
+    current: RequestLog | None,
+    pid: int | None,
+) -> dict:
+    """The fields every line starts with, a record's or an access line's."""
+    return {
+        "time": _utc_iso(created),
+        "level": level,
+        "logger": logger,
+        "message": redact(message),
+        "request_id": current.id if current is not None else None,
+        "pid": pid,
+    }
 
 
 def redact(text: str) -> str:
@@ -152,6 +188,11 @@ def _mask(match: re.Match) -> str:
     return f"{match['url']}***@" if match["url"] else f"{match['pair']}***"
 
 
+_second: list = [None, ""]  # the last second formatted, and its text: lines come many a second
+
+
 def _utc_iso(created: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+    second = int(created)
+    if _second[0] != second:
+        _second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"

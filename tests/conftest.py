@@ -13,9 +13,12 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 
 patch_psycopg()
 
+import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 
 import pgutil  # noqa: E402
 import psycopg2  # noqa: E402
@@ -26,6 +29,7 @@ from config import load_settings  # noqa: E402
 from service import db, schema  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.localpg import LocalPostgres  # noqa: E402
+from service.logs import JsonFormatter  # noqa: E402
 from service.pool import Pool  # noqa: E402
 
 
@@ -147,3 +151,35 @@ def make_app(make_settings):
     yield make
     for app in apps:
         db.close_pool(app)
+
+
+@pytest.fixture
+def log_lines(capsys):
+    """The service's log lines from now on, as the JSON objects gunicorn would write: its
+    records through `JsonFormatter`, and the access lines, which go straight to stdout. Both
+    go to stdout as captured by pytest now (`capsys`), so they keep their order."""
+    handler = logging.StreamHandler(_Stdout())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("service")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    written: list[str] = []
+
+    def lines() -> list[dict]:
+        written.append(capsys.readouterr().out)
+        return [json.loads(line) for line in "".join(written).splitlines()]
+
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class _Stdout:
+    """Whatever `sys.stdout` is at the time of each write."""
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()

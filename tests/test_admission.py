@@ -7,12 +7,12 @@ at once meanwhile, around the full door) and the waiting cap (exactly the connec
 DB_POOL_MAX_WAITING waiters admitted per worker, the rest turned away at once).
 """
 
-import logging
 import time
 
 import gevent
 import pytest
 from gevent.event import Event
+from gunicorn_proc import access_lines
 from pgutil import only_connection_held
 
 from service import admission
@@ -161,9 +161,8 @@ def test_a_request_that_waited_out_the_pool_timeout_at_the_door_gets_503_at_once
     assert time.monotonic() - started < 0.4
 
 
-def test_the_wait_at_the_door_is_taken_off_the_pools_wait_and_logged(make_app, ticket, caplog):
+def test_the_wait_at_the_door_is_taken_off_the_pools_wait_and_logged(make_app, ticket, log_lines):
     app = make_app(DB_POOL_MAX=1, DB_POOL_MIN=1, DB_POOL_TIMEOUT=0.6)
-    caplog.set_level(logging.INFO, logger="service.access")
     ticket(Ticket(0.4, True))
     with only_connection_held(app):
         started = time.monotonic()
@@ -172,5 +171,5 @@ def test_the_wait_at_the_door_is_taken_off_the_pools_wait_and_logged(make_app, t
 
     assert_pool_timeout(response)
     assert 0.15 <= waited < 0.6  # 0.6 s in all, 0.4 of them at the door
-    line = next(r.access for r in caplog.records if getattr(r, "access", None))
+    [line] = access_lines(log_lines())
     assert line["pool_wait_ms"] >= 400 + 150

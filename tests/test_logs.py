@@ -5,10 +5,10 @@ production command with a password in DATABASE_URL and read everything it writes
 """
 
 import http.client
-import io
 import json
 import logging
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 
 import gevent
@@ -20,27 +20,12 @@ from pgutil import users_locked
 
 from service import db
 from service.app import create_app
-from service.logs import JsonFormatter, redact
+from service.logs import redact
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "pid"}
 ACCESS_FIELDS = {"method", "route", "path", "status", "duration_ms", "pool_wait_ms", "remote_addr"}
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 USER_ROUTE = "/users/<user_id>"
-
-
-@pytest.fixture
-def log_lines():
-    """The service's log records from now on, as the JSON objects gunicorn would write."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("service")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def seed_user(cur) -> int:
@@ -172,6 +157,43 @@ def test_pool_wait_ms_is_the_time_the_request_waited_for_a_connection(
 
     [line] = access_lines(log_lines(), "waiter")
     assert held_s * 1000 <= line["pool_wait_ms"] < line["duration_ms"]
+
+
+def test_the_access_loggers_level_switches_access_lines_off(client, log_lines):
+    access = logging.getLogger("service.access")
+    access.setLevel(logging.WARNING)
+    try:
+        response = client.get("/healthz", headers={"X-Request-ID": "quiet"})
+    finally:
+        access.setLevel(logging.NOTSET)
+    client.get("/healthz", headers={"X-Request-ID": "loud"})
+
+    assert response.status_code == 200
+    assert access_lines(log_lines(), "quiet") == []
+    assert len(access_lines(log_lines(), "loud")) == 1
+
+
+class BrokenStdout:
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_broken_stdout_loses_the_access_line_not_the_request(
+    client, admin, log_lines, monkeypatch
+):
+    user = seed_user(admin)
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "stdout", BrokenStdout())
+        response = client.get(f"/users/{user}", headers={"X-Request-ID": "lost"})
+    client.get("/healthz", headers={"X-Request-ID": "after"})
+
+    assert response.status_code == 200
+    assert response.json["id"] == user
+    assert access_lines(log_lines(), "lost") == []
+    assert len(access_lines(log_lines(), "after")) == 1
 
 
 def test_lines_outside_a_request_have_no_id_and_carry_their_traceback(log_lines):

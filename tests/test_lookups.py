@@ -6,12 +6,12 @@ Through real gunicorn workers, tests/test_faults.py storms a stalled database wi
 that lookups and their queries add up across workers.
 """
 
-import logging
 import time
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
+from gunicorn_proc import access_lines
 from pgutil import users_locked
 from prometheus_client import REGISTRY
 
@@ -395,12 +395,11 @@ def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
 
 
 def test_a_lookup_with_no_turn_in_time_gets_503_and_logs_its_wait(
-    make_app, admin, database_url, caplog
+    make_app, admin, database_url, log_lines
 ):
     [uid] = seed(admin, 1)
     app = make_app(DB_POOL_MAX=5, DB_POOL_TIMEOUT=0.4, DB_STATEMENT_TIMEOUT_MS=3000)
     client = app.test_client()
-    caplog.set_level(logging.INFO, logger="service.access")
     timeouts_before = counted("db_pool_timeouts")
     with users_locked(database_url):
         held = gevent.spawn(client.get, f"/users/{uid}")
@@ -414,8 +413,7 @@ def test_a_lookup_with_no_turn_in_time_gets_503_and_logs_its_wait(
     assert late.headers["Retry-After"]
     assert 0.3 <= waited < 2.0
     assert counted("db_pool_timeouts") - timeouts_before == 1
-    [line] = [
-        r.access for r in caplog.records if getattr(r, "access", None) and r.access["status"] == 503
-    ]
+    [line] = access_lines(log_lines(), "late")
+    assert line["status"] == 503
     assert line["pool_wait_ms"] >= 400 * 0.9
     assert app.extensions["service.users.lookups"].waiting == 0
