@@ -210,6 +210,7 @@ def test_the_workers_are_the_batch_accepting_gevent_worker(server):
     # Logged by each worker's server as it starts: gunicorn built service.worker's class.
     assert len(server.log_lines("connection per loop turn, plus 1 per")) == WORKERS
     assert len(server.log_lines("responses: each head sent together with its body")) == WORKERS
+    assert len(server.log_lines("garbage collector thresholds: (20000, 20, 20)")) == WORKERS
 
 
 def test_the_log_names_the_database_but_never_its_password(server, database_url):
