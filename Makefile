@@ -19,7 +19,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	@touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/python -m service.localpg -- $(BIN)/gunicorn -c gunicorn.conf.py
+	$(BIN)/python -m deploy.localpg -- $(BIN)/gunicorn -c gunicorn.conf.py
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -18,7 +18,6 @@ from psycogreen.gevent import patch_psycopg  # noqa: E402
 patch_psycopg()
 
 import atexit  # noqa: E402
-import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -50,9 +49,9 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
-wsgi_app = "service.app:create_app()"
-# gunicorn's gevent worker, accepting new connections in batches: see service/worker.py.
-worker_class = "service.worker.GeventWorker"
+# The Flask app behind its middleware (service/server/wsgi.py).
+wsgi_app = "service.server.wsgi:application"
+worker_class = "gevent"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
 worker_connections = settings.worker_connections
@@ -74,7 +73,7 @@ keepalive = 15
 # over it, and a read-only container home cannot hold it.
 control_socket_disable = True
 # Everything to stdout as JSON lines, one stream: gunicorn's own log and the app's, with the
-# app's access lines (service/logs.py).
+# app's access lines (service/observability/logs.py).
 logconfig_dict = {
     "root": {"level": "INFO", "handlers": ["console"]},
     "loggers": {"gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True}},
@@ -85,17 +84,8 @@ logconfig_dict = {
             "stream": "ext://sys.stdout",
         }
     },
-    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "service.observability.logs.JsonFormatter"}},
 }
-
-
-# Each record works out its thread, its process's name and the source line that logged it (a
-# walk up the stack) unless told not to; these JSON lines carry none of them (service/logs.py).
-# The switches are the ones the logging HOWTO's "Optimization" section names. (The access line,
-# one per request, does not go through `logging` at all: service/logs.py.)
-logging.logThreads = False
-logging.logMultiprocessing = False
-logging._srcfile = None
 
 
 class AppWritesTheAccessLog(Logger):
@@ -118,7 +108,7 @@ def on_starting(server):
     """
     import psycopg2
 
-    from service import budget, schema
+    from service.db import budget, schema
 
     # gunicorn installs its signal handlers only after this hook; until then a stop signal
     # would kill the master outright while it waits for the database, skipping the atexit
@@ -158,8 +148,9 @@ def when_ready(server):
 def post_worker_init(worker):
     """In each worker, after fork and after the app is loaded: open this worker's own pool."""
     from service import db
+    from service.server import wsgi
 
-    pool = db.open_pool(worker.wsgi)
+    pool = db.open_pool(wsgi.app)
     worker.log.info("pool open: %s", pool.stats())
 
 
@@ -175,10 +166,13 @@ def post_request(worker, req, environ, resp):
 
 def worker_exit(server, worker):
     """In each worker, once its requests are done (or graceful_timeout passed): close the pool."""
+    import sys
+
     from service import db
 
-    if getattr(worker, "wsgi", None) is not None:
-        db.close_pool(worker.wsgi)
+    wsgi = sys.modules.get("service.server.wsgi")  # absent when the worker died loading it
+    if wsgi is not None:
+        db.close_pool(wsgi.app)
 
 
 def child_exit(server, worker):

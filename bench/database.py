@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg2
 
-from service import schema
-from service.localpg import LocalPostgres, find_bindir
+from deploy.localpg import LocalPostgres, find_bindir
+from service.db import schema
 
 DBNAME = "bench"
 SELECT_USER = "SELECT id, name, email, created_at FROM users WHERE id = %s"

@@ -42,7 +42,7 @@ from bench import connect_time, database, host, pgbench, report, servers, wrk
 from bench.backends import BackendSampler
 from bench.cpu import CpuMeter
 from bench.results import Cell, Run
-from service.localpg import LocalPostgres
+from deploy.localpg import LocalPostgres
 
 HERE = Path(__file__).resolve().parent
 LEVELS = (50, 500, 5000, 10_000)

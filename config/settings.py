@@ -128,12 +128,21 @@ VARIABLES = (
         "seconds after which a connection is replaced (with up to 10% jitter)",
     ),
     Variable(
+        "TRUSTED_PROXIES",
+        int,
+        0,
+        0,
+        10,
+        "proxies in front of the service whose X-Forwarded-For and X-Forwarded-Proto are "
+        "trusted (a load balancer: 1); 0 ignores those headers",
+    ),
+    Variable(
         "DB_POOL_LEAK_WARN_S",
         float,
         30.0,
         0.001,
         86_400,
-        "seconds a request may hold a connection before a warning names its route",
+        "seconds a request may hold a connection before a warning logs the stack that holds it",
     ),
 )
 
@@ -153,6 +162,7 @@ class Settings:
     db_pool_max_waiting: int
     db_connect_timeout: int
     db_pool_max_lifetime: float
+    trusted_proxies: int
     db_pool_leak_warn_s: float
 
     @property

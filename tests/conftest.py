@@ -26,11 +26,12 @@ import psycopg2.extensions  # noqa: E402
 import pytest  # noqa: E402
 
 from config import load_settings  # noqa: E402
-from service import db, schema  # noqa: E402
+from deploy.localpg import LocalPostgres  # noqa: E402
+from service import db  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.localpg import LocalPostgres  # noqa: E402
-from service.logs import JsonFormatter  # noqa: E402
-from service.pool import Pool  # noqa: E402
+from service.db import schema  # noqa: E402
+from service.db.pool import Pool  # noqa: E402
+from service.observability.logs import JsonFormatter  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """A throwaway PgBouncer in transaction pooling mode in front of a PostgreSQL server, for tests.
 
-Like service.localpg's cluster: its files live in a fresh folder that `stop()` removes, it
+Like deploy.localpg's cluster: its files live in a fresh folder that `stop()` removes, it
 listens on 127.0.0.1 on a free port and on no Unix socket, and as root it runs as the postgres
 user (PgBouncer refuses to run as root). It logs in to the server with the user and password
 of the server's DSN, and accepts that same user and password from its clients (auth_file).

@@ -7,7 +7,7 @@ import pytest
 from gunicorn_proc import Gunicorn
 from pgutil import autocommit
 
-from service.budget import Budget, BudgetExceeded, ServerLimits, check, read_limits
+from service.db.budget import Budget, BudgetExceeded, ServerLimits, check, read_limits
 
 PG15 = ServerLimits(max_connections=100, superuser_reserved_connections=3)
 

@@ -33,7 +33,7 @@ SERVER_ENV = {
     "DB_POOL_TIMEOUT": "10",
     "DB_STATEMENT_TIMEOUT_MS": "10000",
 }
-APP_NAME = "service"  # the application_name service.pool.Pool gives its connections
+APP_NAME = "service"  # the application_name service.db.Pool gives its connections
 GRACEFUL_TIMEOUT_S = 30  # gunicorn.conf.py
 
 
@@ -202,15 +202,6 @@ def test_each_worker_opens_and_owns_its_own_pool(server, admin):
         " WHERE datname = current_database() AND application_name = 'service-migrate'"
     )
     assert admin.fetchone()[0] == 0
-
-
-def test_the_workers_are_the_batch_accepting_gevent_worker(server):
-    """service/worker.py; tests/test_worker.py shows what it changes."""
-    assert server.log_lines("Using worker: service.worker.GeventWorker")
-    # Logged by each worker's server as it starts: gunicorn built service.worker's class.
-    assert len(server.log_lines("connection per loop turn, plus 1 per")) == WORKERS
-    assert len(server.log_lines("responses: each head sent together with its body")) == WORKERS
-    assert len(server.log_lines("garbage collector thresholds: (20000, 20, 20)")) == WORKERS
 
 
 def test_the_log_names_the_database_but_never_its_password(server, database_url):

@@ -28,9 +28,9 @@ from pgutil import autocommit, users_locked
 from tcpproxy import TcpProxy
 from test_e2e import children, socket_ports
 
-from service import schema
-from service.localpg import LocalPostgres
-from service.pool import PING_AFTER_IDLE_S
+from deploy.localpg import LocalPostgres
+from service.db import schema
+from service.db.pool import PING_AFTER_IDLE_S
 
 WORKERS = 2
 POOL_MAX = 4
@@ -50,9 +50,7 @@ ENV = {
 }
 APP_NAME = "service"
 USER = "/users/1"  # the one user of each test database
-# A page of users: one statement per request, on a connection of its own. Lookups of one user
-# by id share queries under load (service/lookups.py), so a test of what each request holding
-# a connection does asks for this instead.
+# A page of users: one statement per request, on a connection of its own.
 ONE_EACH = "/users?limit=1"
 # Two shared cores run the server, both workers and these clients: latency bounds get this
 # much on top of what the service promises.
@@ -352,8 +350,7 @@ def test_a_cut_network_costs_each_dead_connection_one_503_then_requests_succeed(
     a connection is lent unchecked, and only its statement deadline (statement timeout + 1 s)
     finds it dead. Each connection open at the cut costs at most one request a 503
     (database_unavailable); requests queued behind them may time out (pool_timeout). Then new
-    connections serve every request. (Lookups that shared a query share its fate: asked for
-    here is a page of users, one request per connection.)"""
+    connections serve every request."""
     assert statuses(burst(proxied_service.port, ONE_EACH, 40, 16)) == {"200": 40}
     dead = len(backends(proxied_dsn))
     proxy.cut()  # every open link goes silent; new connections get through
@@ -399,10 +396,7 @@ def test_a_request_on_a_cut_network_gets_503_within_the_statement_deadline(
 def test_after_a_cut_connections_idle_past_the_ping_threshold_are_replaced(proxied_service, proxy):
     """Every connection of both pools idle for longer than PING_AFTER_IDLE_S (10 s) when the
     network is cut: each is pinged before it is lent, found dead within the connect timeout and
-    replaced, so the service answers again within seconds. (Shared lookups once left requests
-    waiting for ever here: followers whose own time ran out in the loop turn in which their
-    query's answer came waited again on its Event, and gevent lost them; see
-    service/lookups.py `_wait`.)"""
+    replaced, so the service answers again within seconds."""
     assert statuses(burst(proxied_service.port, USER, 40, 16)) == {"200": 40}
     gevent.sleep(PING_AFTER_IDLE_S + 1)  # not a wait for readiness: the connections must age
     proxy.cut()
@@ -584,11 +578,9 @@ def test_a_storm_on_a_stalled_database_gets_2000_quick_503s_and_leaves_the_pools
 @pytest.mark.parametrize(
     ("name", "path", "sent"),
     [
-        # A page of users: each worker lends its connections, one request on each.
+        # Each worker lends its connections, one request on each; the rest wait.
         ("page", ONE_EACH, POOL_MAX),
-        # A user by id: each worker's first lookup goes alone; those after it gather behind it
-        # (service/lookups.py) and count as waiting, as the door's waiters do.
-        ("lookup", USER, 1),
+        ("user", USER, POOL_MAX),
     ],
 )
 def test_with_a_waiting_cap_excess_requests_get_503_at_once(
@@ -691,7 +683,9 @@ def test_old_connections_are_replaced_with_jitter_and_no_failed_request(pg, tmp_
 # --- 7. leak detection --------------------------------------------------------------------------
 
 
-def test_a_connection_held_too_long_logs_one_warning_naming_the_route(pg, tmp_path, figures):
+def test_a_connection_held_too_long_logs_one_warning_with_the_stack_that_holds_it(
+    pg, tmp_path, figures
+):
     env = {"DB_POOL_LEAK_WARN_S": "0.5"}
     with own_service(pg, "faults_leak", tmp_path, **env) as (gunicorn, dsn):
         with users_locked(dsn):
@@ -703,7 +697,7 @@ def test_a_connection_held_too_long_logs_one_warning_naming_the_route(pg, tmp_pa
         warnings = gunicorn.log_lines("a database connection has been held for over 0.5 s")
 
     assert len(warnings) == POOL_MAX
-    assert all('by GET /users"' in line for line in warnings)
+    assert all("in list_users" in line for line in warnings)  # the view, in the holder's stack
     figures["7_leak_warning"] = {
         "held": POOL_MAX,
         "warnings": len(warnings),

@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from pgutil import fresh_database
 
 from config import load_settings
-from service import schema
+from service.api.errors import ApiError
+from service.api.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
+from service.api.users import NAME_MAX, NAME_PATTERN, _read_fields
 from service.app import create_app
-from service.errors import ApiError
-from service.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
-from service.users import NAME_MAX, NAME_PATTERN, _read_fields
+from service.db import schema
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 MAX_EXAMPLES = 30  # per operation and phase

@@ -1,4 +1,4 @@
-"""`python -m service.localpg -- COMMAND`: the throwaway PostgreSQL behind `make run`."""
+"""`python -m deploy.localpg -- COMMAND`: the throwaway PostgreSQL behind `make run`."""
 
 import os
 import signal
@@ -9,8 +9,8 @@ from pathlib import Path
 import gevent
 import pytest
 
-from service import localpg
-from service.localpg import LocalPostgresError, find_bindir
+from deploy import localpg
+from deploy.localpg import LocalPostgresError, find_bindir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def localpg_env(**env: str) -> dict[str, str]:
 
 def run_localpg(command: list[str], timeout: float = 120, **env: str):
     return subprocess.run(
-        [sys.executable, "-m", "service.localpg", "--", *command],
+        [sys.executable, "-m", "deploy.localpg", "--", *command],
         cwd=REPO,
         env=localpg_env(**env),
         capture_output=True,
@@ -127,7 +127,7 @@ def test_a_signal_to_the_terminal_group_becomes_one_sigterm_to_the_command(given
     command must get SIGTERM, once, and must not outlive localpg."""
     env = localpg_env(**({"DATABASE_URL": given_url} if given_url else {}))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.localpg", "--", sys.executable, "-c", REPORT_SIGNAL],
+        [sys.executable, "-m", "deploy.localpg", "--", sys.executable, "-c", REPORT_SIGNAL],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -20,7 +20,7 @@ from pgutil import users_locked
 
 from service import db
 from service.app import create_app
-from service.logs import redact
+from service.observability.logs import redact
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "pid"}
 ACCESS_FIELDS = {"method", "route", "path", "status", "duration_ms", "pool_wait_ms", "remote_addr"}
@@ -106,7 +106,7 @@ def test_error_responses_echo_the_request_id_too(client, make_settings, log_line
         assert response.headers["X-Request-ID"] == request_id
         [line] = access_lines(lines, request_id)
         assert line["status"] == response.status_code
-    [warning] = [line for line in lines if line["logger"] == "service.errors"]
+    [warning] = [line for line in lines if line["logger"] == "service.api.errors"]
     assert warning["level"] == "WARNING"
     assert "database_unavailable" in warning["message"]
     assert warning["request_id"] == "e-503"
@@ -124,7 +124,7 @@ def test_the_leak_warning_names_the_request_holding_the_connection(
                 app.test_client().get, f"/users/{user}", headers={"X-Request-ID": "holder"}
             )
             [warning] = wait_until(
-                lambda: [line for line in log_lines() if line["logger"] == "service.pool"],
+                lambda: [line for line in log_lines() if line["logger"] == "service.db.pool"],
                 10,
                 "the leak warning",
             )
@@ -133,7 +133,7 @@ def test_the_leak_warning_names_the_request_holding_the_connection(
         db.close_pool(app)
 
     assert warning["level"] == "WARNING"
-    assert f"GET {USER_ROUTE}" in warning["message"]
+    assert "in get_user" in warning["message"]  # the view that took it, in the holder's stack
     assert warning["request_id"] == "holder"
 
 

@@ -3,9 +3,16 @@
 The instances start together against an empty database, so their migrations (one transaction
 under a transaction-scoped advisory lock) race each other through PgBouncer. Then 300 mixed
 requests spread over them: the service's 24 pooled connections (3 instances x 2 workers x 4)
-end at PgBouncer, which lends them POOL_SIZE server connections, never more. A query stalled
-behind a lock still ends at the statement timeout: `SET LOCAL` travels with its transaction,
-also behind a PgBouncer that drops the timeout's startup option in silence.
+end at PgBouncer, which lends them POOL_SIZE server connections, never more.
+
+PgBouncer never passes the statement timeout's startup option on. The instances' database
+gives its role the same timeout (`ALTER ROLE ... IN DATABASE ... SET`, docs/scaling.md), so
+their one-statement requests end at it too. Without that, a transaction block sets it with SET
+LOCAL, and a statement in autocommit runs as it would against the server directly: VACUUM and
+CREATE INDEX CONCURRENTLY work through PgBouncer.
+
+PgBouncer is a requirement of the suite (`.ci/run` installs it): without it these tests fail,
+they do not skip.
 """
 
 import http.client
@@ -20,11 +27,12 @@ import psycopg2.extensions
 import pytest
 from gevent.event import Event
 from gunicorn_proc import HOST, Gunicorn, call, wait_until
-from pgbouncer import INSTALL_HINT, PgBouncer, find_pgbouncer
+from pgbouncer import PgBouncer
 from pgutil import Sampler, autocommit, fresh_database
+from psycopg2 import sql
 
-from service.budget import read_limits
-from service.pool import Pool, StatementTimeout
+from service.db import DatabaseUnavailable, Pool, StatementTimeout
+from service.db.budget import read_limits
 
 POOL_SIZE = 6  # PgBouncer's server connections for the service's database
 INSTANCES = 3
@@ -37,20 +45,33 @@ INSTANCE_ENV = {
     "DB_STATEMENT_TIMEOUT_MS": str(STATEMENT_TIMEOUT_MS),
 }
 
-pytestmark = pytest.mark.skipif(find_pgbouncer() is None, reason=INSTALL_HINT)
-
 
 @pytest.fixture(scope="module")
 def server_database(database_url):
-    """An empty database on the real server, reached directly (not through PgBouncer)."""
+    """An empty database on the real server, reached directly (not through PgBouncer), whose
+    role has the instances' statement timeout."""
     with fresh_database(database_url, "bouncer") as url:
+        with autocommit(url) as cur:
+            dbname = psycopg2.extensions.parse_dsn(url)["dbname"]
+            cur.execute(
+                sql.SQL("ALTER ROLE CURRENT_USER IN DATABASE {} SET statement_timeout = {}").format(
+                    sql.Identifier(dbname), sql.Literal(STATEMENT_TIMEOUT_MS)
+                )
+            )
+        yield url
+
+
+@pytest.fixture
+def plain_database(database_url):
+    """An empty database with no statement timeout of its own, on the real server."""
+    with fresh_database(database_url, "plain") as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def bouncer(database_url):
     if not psycopg2.extensions.parse_dsn(database_url).get("password"):
-        pytest.skip("PgBouncer's auth_file needs the server's password in the database URL")
+        pytest.fail("PgBouncer's auth_file needs the server's password in TEST_DATABASE_URL")
     with PgBouncer(database_url, pool_size=POOL_SIZE) as bouncer:
         yield bouncer
 
@@ -176,50 +197,74 @@ def test_a_stalled_query_ends_at_the_statement_timeout_through_pgbouncer(
     assert STATEMENT_TIMEOUT_MS / 1000 <= elapsed < STATEMENT_TIMEOUT_MS / 1000 + 0.8
     assert get_with_headers(port, "/users")[0] == 200  # lock gone: served again
 
-    # PgBouncer refused the timeout as a startup option, so the pools set it with SET LOCAL
-    # (service/pool.py), which ended with its transaction: every server connection kept the
-    # default.
+    # PgBouncer refused the timeout as a startup option; each pool found the role's instead
+    # and sends statements as they are.
     for instance in instances:
-        refused = instance.log_lines("statement timeout: SET LOCAL in every transaction")
         workers = int(INSTANCE_ENV["WEB_CONCURRENCY"])
+        refused = instance.log_lines("statement timeout: the server refused it at connect")
         assert len(refused) == workers and "unsupported startup parameter" in refused[0]
-    dbname = psycopg2.extensions.parse_dsn(server_database)["dbname"]
-    holders = [psycopg2.connect(bouncer.dsn(dbname)) for _ in range(POOL_SIZE)]
-    try:
-        timeouts = []
-        for conn in holders:  # each holds its transaction, so each has a server of its own
-            with conn.cursor() as cur:
-                cur.execute("SHOW statement_timeout")
-                timeouts.append(cur.fetchone()[0])
-        assert timeouts == ["0"] * POOL_SIZE
-    finally:
-        for conn in holders:
-            conn.close()
+        assert instance.log_lines("statement timeout: the server's is") == []
 
 
-def test_a_pgbouncer_that_drops_the_startup_option_still_gets_the_timeout_with_every_query(
-    database_url, server_database
+def bouncer_pool(dsn: str) -> Pool:
+    return Pool(
+        dsn,
+        min_size=0,
+        max_size=2,
+        timeout=5,
+        statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+        connect_timeout=5,
+        max_lifetime=3600,
+    )
+
+
+@pytest.mark.parametrize("ignore_startup_parameters", ["", "options"], ids=["refused", "dropped"])
+def test_statements_that_cannot_run_in_a_transaction_work_through_pgbouncer_as_directly(
+    database_url, plain_database, ignore_startup_parameters
 ):
-    """`ignore_startup_parameters = options` accepts the option and drops it: the pool must see
-    that the server never set the timeout, and send SET LOCAL with every statement."""
-    dbname = psycopg2.extensions.parse_dsn(server_database)["dbname"]
-    with PgBouncer(database_url, pool_size=2, ignore_startup_parameters="options") as dropping:
-        pool = Pool(
-            dropping.dsn(dbname),
-            min_size=0,
-            max_size=2,
-            timeout=5,
-            statement_timeout_ms=STATEMENT_TIMEOUT_MS,
-            connect_timeout=5,
-            max_lifetime=3600,
-        )
+    """PgBouncer either refuses the timeout's startup option or, with
+    `ignore_startup_parameters = options`, drops it in silence. Either way nothing is added to
+    an autocommit statement, so one that refuses a transaction block runs; a transaction block
+    gets the timeout with SET LOCAL, and is bounded by it."""
+    dbname = psycopg2.extensions.parse_dsn(plain_database)["dbname"]
+    with autocommit(plain_database) as cur:
+        cur.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+    with PgBouncer(
+        database_url, pool_size=2, ignore_startup_parameters=ignore_startup_parameters
+    ) as bouncer:
+        for dsn in (plain_database, bouncer.dsn(dbname)):
+            pool = bouncer_pool(dsn)
+            try:
+                with pool.connection(autocommit=True) as db:
+                    db.execute("VACUUM items")
+                    db.execute("CREATE INDEX CONCURRENTLY items_name ON items (name)")
+                    db.execute("DROP INDEX CONCURRENTLY items_name")
+                with pool.connection() as db:
+                    db.execute("SELECT current_setting('statement_timeout') AS t")
+                    assert db.fetchone() == {"t": f"{STATEMENT_TIMEOUT_MS}ms"}
+                started = time.monotonic()
+                with pytest.raises(StatementTimeout), pool.connection() as db:
+                    db.execute("SELECT pg_sleep(5)")
+                assert time.monotonic() - started < STATEMENT_TIMEOUT_MS / 1000 + 0.8
+            finally:
+                pool.close()
+
+
+def test_through_pgbouncer_an_autocommit_statement_runs_under_the_servers_own_timeout(
+    database_url, plain_database
+):
+    """Where the role has none, only the client's deadline (the statement timeout and a
+    second) bounds it: it gets DatabaseUnavailable and its connection is dropped."""
+    dbname = psycopg2.extensions.parse_dsn(plain_database)["dbname"]
+    with PgBouncer(database_url, pool_size=2) as bouncer:
+        pool = bouncer_pool(bouncer.dsn(dbname))
         try:
             with pool.connection(autocommit=True) as db:
                 db.execute("SELECT current_setting('statement_timeout') AS t")
-                assert db.fetchone() == {"t": f"{STATEMENT_TIMEOUT_MS}ms"}
+                assert db.fetchone() == {"t": "0"}
             started = time.monotonic()
-            with pytest.raises(StatementTimeout), pool.connection(autocommit=True) as db:
+            with pytest.raises(DatabaseUnavailable), pool.connection(autocommit=True) as db:
                 db.execute("SELECT pg_sleep(5)")
-            assert time.monotonic() - started < STATEMENT_TIMEOUT_MS / 1000 + 0.8
+            assert 1.4 <= time.monotonic() - started < 3
         finally:
             pool.close()

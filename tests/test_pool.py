@@ -13,7 +13,7 @@ import pytest
 from gevent.event import Event
 from gunicorn_proc import REPO, wait_until
 
-from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
+from service.db import DatabaseUnavailable, PoolTimeout, StatementTimeout
 
 
 def backend_pid(pool, **kwargs):
@@ -119,8 +119,7 @@ def test_a_direct_connection_starts_with_the_timeout_and_sends_statements_as_the
 
     sleeper = gevent.spawn(nap, pool, autocommit)
     wait_until(lambda: running_query(admin, "test-pool"), 5, "the nap to run")
-    expected = "SELECT pg_sleep(0.5)" if autocommit else "BEGIN; SELECT pg_sleep(0.5)"
-    assert running_query(admin, "test-pool") == expected
+    assert running_query(admin, "test-pool") == "SELECT pg_sleep(0.5)"
     sleeper.get(timeout=5)
 
 
@@ -323,7 +322,7 @@ from psycogreen.gevent import patch_psycopg; patch_psycopg()
 import os
 import gevent.event
 import psycopg2
-from service.pool import Pool
+from service.db.pool import Pool
 
 pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
             statement_timeout_ms=5000, connect_timeout=5, max_lifetime=3600,

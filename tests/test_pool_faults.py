@@ -10,7 +10,7 @@ import psycopg2.extensions
 import pytest
 from gunicorn_proc import wait_until
 
-from service.pool import DatabaseUnavailable, PoolTimeout
+from service.db import DatabaseUnavailable, PoolTimeout
 from tests.tcpproxy import TcpProxy
 
 
@@ -194,14 +194,23 @@ def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
     assert pool.stats()["in_use"] == 0
 
 
-def test_a_connection_held_too_long_is_reported_once_with_its_route(make_pool, caplog):
+def test_a_connection_held_too_long_is_reported_once_with_the_stack_that_holds_it(
+    make_pool, caplog
+):
     pool = make_pool(max_size=1, leak_warn_s=0.1)
-    with caplog.at_level(logging.WARNING, logger="service.pool"):
-        with pool.connection(label="GET /slow") as db:
+
+    def slow_report_query():
+        with pool.connection() as db:
             db.execute("SELECT pg_sleep(0.35)")
-        with pool.connection(label="GET /fast") as db:
+
+    with caplog.at_level(logging.WARNING, logger="service.db.pool"):
+        gevent.spawn(slow_report_query).get(timeout=5)
+        with pool.connection() as db:
             db.execute("SELECT 1")
-        gevent.sleep(0.2)  # past the threshold after /fast returned its connection
+        gevent.sleep(0.2)  # past the threshold after the second holder returned its connection
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "GET /slow" in warnings[0]
+    # The holder's stack, from the function that took the connection to where it waits now.
+    assert "in slow_report_query" in warnings[0]
+    assert 'db.execute("SELECT pg_sleep(0.35)")' in warnings[0]
+    assert __file__ in warnings[0]

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.errors import ApiError
-from service.pagination import BIGINT_MAX, MAX_LIMIT, decode_cursor, encode_cursor, parse_limit
-from service.users import _parse_id
+from service.api.errors import ApiError
+from service.api.pagination import BIGINT_MAX, MAX_LIMIT, decode_cursor, encode_cursor, parse_limit
+from service.api.users import _parse_id
 
 ids = st.integers(min_value=1, max_value=BIGINT_MAX)
 texts = st.text(max_size=40) | st.text(string.ascii_letters + string.digits + "-_=:", max_size=40)

@@ -5,7 +5,7 @@ import time
 import gevent
 import pytest
 
-from service import schema
+from service.db import schema
 
 
 def test_migrating_again_applies_nothing(database_url, admin):

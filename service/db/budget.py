@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg2
 
 from config import Settings
-from service import schema
+from service.db.schema import connect_when_up
 
 
 class BudgetExceeded(RuntimeError):
@@ -98,8 +98,7 @@ def read_limits(dsn: str, connect_timeout: int) -> ServerLimits:
     Waits for the server as the migration does (this runs first, so this is the one that
     waits); raises RuntimeError, naming the server but never its password, when it cannot.
     """
-    # schema's connect: the same wait for a database that starts beside the service.
-    conn = schema._connect(dsn, connect_timeout, schema.START_WAIT_S)
+    conn = connect_when_up(dsn, connect_timeout)
     try:
         with conn.cursor() as cur:
             cur.execute(_LIMITS_SQL)

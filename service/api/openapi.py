@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from service.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_LIMIT
-from service.users import EMAIL_MAX, NAME_MAX, NAME_PATTERN
+from service.api.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_LIMIT
+from service.api.users import EMAIL_MAX, NAME_MAX, NAME_PATTERN
 
 bp = Blueprint("openapi", __name__)
 
@@ -197,7 +197,11 @@ DOCUMENT = {
                     "error": {
                         "type": "object",
                         "required": ["code", "message"],
-                        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        "properties": {
+                            "code": {"type": "string"},
+                            "message": {"type": "string"},
+                            "request_id": {"type": "string"},
+                        },
                     }
                 },
             },

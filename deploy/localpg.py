@@ -9,7 +9,7 @@ random password, and is removed when stopped.
 process itself changes user, like `runuser -u postgres`, but with no runuser process in between
 to swallow the shutdown signals), and the same code runs unchanged as an ordinary user.
 
-Command line: `python -m service.localpg [--] COMMAND...` runs COMMAND with `DATABASE_URL`
+Command line: `python -m deploy.localpg [--] COMMAND...` runs COMMAND with `DATABASE_URL`
 set. When `DATABASE_URL` is already set it runs COMMAND against that server and starts
 nothing. Either way COMMAND runs in a session of its own, and Ctrl-C (or SIGTERM) reaches it as
 one SIGTERM, gunicorn's graceful stop; the cluster is stopped after COMMAND exits.
@@ -280,7 +280,7 @@ def _project_folder() -> Path | None:
 def main(argv: list[str]) -> int:
     command = argv[1:] if argv[:1] == ["--"] else argv
     if not command:
-        print("usage: python -m service.localpg [--] COMMAND...", file=sys.stderr)
+        print("usage: python -m deploy.localpg [--] COMMAND...", file=sys.stderr)
         return 2
     return run_with_database(command)
 

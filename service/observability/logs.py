@@ -6,10 +6,10 @@ routes its own log and the app's through `JsonFormatter` to stdout (`gunicorn.co
 
 One access line per request, written by the app once the response is built, so that it knows
 what gunicorn cannot: the route that matched and how long the request waited for a database
-connection (`pool_wait_ms`: at the app's door and in the pool, summed over its checkouts).
-It is the one line every request writes, so it goes straight to stdout in the same format,
-past `logging`'s records, hierarchy and handler lock (a worker's CPU per request fell by a
-tenth); the `service.access` logger's level still switches it off (above INFO).
+connection (`pool_wait_ms`, summed over its checkouts). It is the one line every request
+writes, so it goes straight to stdout in the same format, past `logging`'s records, hierarchy
+and handler lock (docs/performance.md); the `service.access` logger's level still switches it
+off (above INFO).
 
 The request id comes from the `X-Request-ID` header when it is safe to echo (1-128 of
 `A-Z a-z 0-9 . _ -`), else it is a new uuid4; it is sent back on every response, errors
@@ -31,8 +31,6 @@ import uuid
 from contextvars import ContextVar
 
 from flask import Flask, Response, request
-
-from service import admission
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -84,10 +82,7 @@ def register(app: Flask) -> None:
 def _begin() -> None:
     sent = request.headers.get(REQUEST_ID_HEADER)
     request_id = sent if sent and _SAFE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
-    # A wait at the app's door is a wait for a connection too (service/admission.py).
-    ticket = admission.current.get()
-    waited_s = ticket.waited_s if ticket is not None else 0.0
-    _current.set(RequestLog(request_id, time.perf_counter(), waited_s))
+    _current.set(RequestLog(request_id, time.perf_counter()))
 
 
 def _respond(response: Response) -> Response:

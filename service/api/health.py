@@ -10,8 +10,7 @@ from __future__ import annotations
 import gevent
 from flask import Blueprint
 
-from service.db import current_pool
-from service.pool import DatabaseUnavailable
+from service.db import DatabaseUnavailable, current_pool
 
 bp = Blueprint("health", __name__)
 

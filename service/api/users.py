@@ -1,9 +1,7 @@
 """The users resource: `/users` and `/users/<id>`.
 
 Input is checked completely before any SQL runs, so bad input stores nothing. Every handler
-runs one statement, so each uses `get_db(autocommit=True)`: one round trip, no COMMIT.
-`GET /users/<id>` goes through the worker's shared lookups, so that concurrent reads of
-single users share queries under load (service/lookups.py).
+runs one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
 Uniqueness of email is the database's job (a unique index): a race between two creators ends
 in one 201 and one 409, never in two rows.
 """
@@ -11,20 +9,17 @@ in one 201 and one 409, never in two rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg2.errors
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 
-from service import logs, metrics
-from service.db import current_pool, get_db, out_of_time, wait_budget
-from service.errors import ApiError
-from service.lookups import SharedLookups
-from service.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
+from service.api.errors import ApiError
+from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
+from service.db import get_db
 
 bp = Blueprint("users", __name__, url_prefix="/users")
-LOOKUPS = "service.users.lookups"
 
 NAME_MAX = 200
 EMAIL_MAX = 254
@@ -71,36 +66,10 @@ def list_users():
 @bp.get("/<user_id>")
 def get_user(user_id: str):
     uid = _parse_id(user_id)
-    return _public(_found(current_app.extensions[LOOKUPS].get(uid)))
-
-
-def shared_lookups() -> SharedLookups:
-    """One worker's lookups of a user by id, which share queries under load
-    (service/lookups.py); `create_app` keeps it in `app.extensions[LOOKUPS]`."""
-    return SharedLookups(
-        _users_by_id,
-        turn_timeout=wait_budget,
-        answer_timeout=_answer_timeout,
-        timed_out=out_of_time,
-        waited=logs.add_pool_wait,
-        answered=metrics.lookups_answered,
-    )
-
-
-def _answer_timeout() -> float:
-    """How long a lookup waits for the answer to a query that holds a connection: as long as
-    the pool lets its sender wait for it, and a second more for the sender to hand it over."""
-    return current_pool().statement_deadline_s + 1.0
-
-
-def _users_by_id(
-    ids: Sequence[int], waited_s: float, connected: Callable[[], None]
-) -> dict[int, dict]:
-    # The wait for its turn counts against the wait for a connection.
-    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
-        connected()
-        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
-        return {row["id"]: row for row in db.fetchall()}
+    with get_db(autocommit=True) as db:
+        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = %s", (uid,))
+        user = db.fetchone()
+    return _public(_found(user))
 
 
 @bp.patch("/<user_id>")

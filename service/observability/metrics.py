@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service import logs
+from service.observability import logs
 
 # prometheus_client chose its mode from this variable when it was imported; so do we.
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -50,11 +50,6 @@ POOL_GAUGES = {
         ("waiting", "Requests waiting for a connection"),
     )
 }
-DOOR_WAITING = Gauge(
-    "db_pool_waiting_at_door",
-    "Requests waiting at the app's door for a place inside (service/admission.py)",
-    multiprocess_mode="livesum",
-)
 CHECKOUTS = Counter("db_pool_checkouts", "Connections lent to requests")
 TIMEOUTS = Counter("db_pool_timeouts", "Requests that got no connection in time (503)")
 DISCARDED = Counter("db_pool_discarded", "Broken, dead or expired connections closed")
@@ -63,11 +58,6 @@ POOL_WAIT = Histogram(
     "db_pool_wait_seconds",
     "Time from asking for a connection to holding one",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-LOOKUPS = Counter("db_lookups", "Single rows looked up by key (GET /users/<id>)")
-LOOKUP_QUERIES = Counter(
-    "db_lookup_queries",
-    "Queries sent for those lookups: fewer than lookups when lookups shared a query",
 )
 REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -81,7 +71,9 @@ UNMATCHED = "unmatched"
 
 
 class PoolMetrics:
-    """The pool's events (`service.pool.PoolEvents`) as the metrics above.
+    """The pool's events (`service.db.PoolEvents`) as the metrics above; each wait for a
+    connection, lent or timed out, also counts towards the current request's `pool_wait_ms`
+    in its access line.
 
     A gauge is written only when its value changed: a lend or return moves two of the five.
     """
@@ -92,9 +84,11 @@ class PoolMetrics:
     def checked_out(self, wait_s: float) -> None:
         CHECKOUTS.inc()
         POOL_WAIT.observe(wait_s)
+        logs.add_pool_wait(wait_s)
 
     def timed_out(self, wait_s: float) -> None:
         TIMEOUTS.inc()
+        logs.add_pool_wait(wait_s)
 
     def discarded(self) -> None:
         DISCARDED.inc()
@@ -107,12 +101,6 @@ class PoolMetrics:
             if self._last.get(key) != value:
                 self._last[key] = value
                 POOL_GAUGES[key].set(value)
-
-
-def lookups_answered(lookups: int) -> None:
-    """One query answered `lookups` lookups (service/lookups.py)."""
-    LOOKUPS.inc(lookups)
-    LOOKUP_QUERIES.inc()
 
 
 def register(app: Flask) -> None:

@@ -11,7 +11,7 @@ import base64
 import binascii
 import re
 
-from service.errors import ApiError
+from service.api.errors import ApiError
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

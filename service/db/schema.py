@@ -1,4 +1,4 @@
-"""The database schema: numbered SQL files in `service/migrations/`, applied once, in order.
+"""The database schema: numbered SQL files in `service/db/migrations/`, applied once, in order.
 
 `migrate()` runs in the gunicorn master before any worker starts (the `on_starting` hook), on a
 connection of its own that it closes before returning. Several instances may start at once: a
@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg2
 
 from config import redact_dsn
-from service import pool
+from service.db.pool import connect
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,12 @@ def migrate(dsn: str, connect_timeout: int, wait_s: float = START_WAIT_S) -> lis
     Waits up to `wait_s` for the server to accept connections (a database container often
     starts beside the service), then raises RuntimeError naming the server, never its password.
     """
-    conn = _connect(dsn, connect_timeout, wait_s)
+    conn = connect_when_up(dsn, connect_timeout, wait_s)
     try:
         with conn, conn.cursor() as cur:
+            # A migration may take longer than the service's statements may: a statement
+            # timeout set for the role (docs/scaling.md) must not cut it short.
+            cur.execute("SET LOCAL statement_timeout = 0")
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -60,12 +63,15 @@ def _migration_files() -> list[tuple[int, Path]]:
     return [(int(path.name[:3]), path) for path in files]
 
 
-def _connect(dsn: str, connect_timeout: int, wait_s: float):
+def connect_when_up(dsn: str, connect_timeout: int, wait_s: float = START_WAIT_S):
+    """A connection of its own, once the server accepts one: a database container often starts
+    beside the service. Raises RuntimeError after `wait_s`, naming the server, never its
+    password."""
     deadline = time.monotonic() + wait_s
     delay = 0.1
     while True:
         try:
-            return pool.connect(dsn, connect_timeout, application_name="service-migrate")
+            return connect(dsn, connect_timeout, application_name="service-migrate")
         except psycopg2.OperationalError as exc:
             if time.monotonic() + delay > deadline:
                 raise RuntimeError(

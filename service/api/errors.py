@@ -1,9 +1,10 @@
 """Every error the API returns, as JSON `{"error": {"code", "message"}}`, mapped in one place.
 
-Handlers raise `ApiError` for bad input; the pool's exceptions become 503 with Retry-After;
+Handlers raise `ApiError` for bad input. The database layer's exceptions (service/db/errors.py)
+become 503 with Retry-After, each with a code of its own; a subclass maps as its parent does.
 werkzeug's HTTP errors (404, 405, 413, 415, malformed JSON) keep their status and headers.
-Anything else is logged with its traceback and answered with a bare 500: no stack trace, no
-SQL, no DSN ever reaches a client.
+Anything else is logged with its traceback and answered with 500 and the request id, which
+finds that traceback in the log: no stack trace, no SQL, no DSN ever reaches a client.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import re
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from service.pool import DatabaseUnavailable, PoolTimeout, StatementTimeout
+from service.db import DatabaseUnavailable, PoolTimeout, StatementTimeout, TransactionConflict
+from service.observability import logs
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
-_UNAVAILABLE = {
+UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
     PoolTimeout: ("pool_timeout", "the service is busy: no database connection became free"),
     StatementTimeout: ("statement_timeout", "the database did not answer in time"),
     DatabaseUnavailable: ("database_unavailable", "the database cannot be reached"),
+    TransactionConflict: (
+        "transaction_conflict",
+        "the request conflicted with a concurrent one and changed nothing: retry it",
+    ),
 }
 
 
@@ -37,8 +43,8 @@ class ApiError(Exception):
         self.message = message
 
 
-def error_response(status: int, code: str, message: str):
-    response = jsonify(error={"code": code, "message": message})
+def error_response(status: int, code: str, message: str, **extra: str):
+    response = jsonify(error={"code": code, "message": message, **extra})
     response.status_code = status
     return response
 
@@ -46,7 +52,7 @@ def error_response(status: int, code: str, message: str):
 def register(app: Flask) -> None:
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
-    for exc_type in _UNAVAILABLE:
+    for exc_type in UNAVAILABLE:
         app.register_error_handler(exc_type, _unavailable)
     app.register_error_handler(Exception, _unexpected)
 
@@ -64,7 +70,8 @@ def _http_error(exc: HTTPException):
 
 
 def _unavailable(exc: Exception):
-    code, message = _UNAVAILABLE[type(exc)]
+    # Flask found the handler through the class hierarchy; so does the lookup of its code.
+    code, message = next(UNAVAILABLE[cls] for cls in type(exc).__mro__ if cls in UNAVAILABLE)
     log.warning("503 %s: %s", code, exc)
     response = error_response(503, code, message)
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
@@ -73,7 +80,9 @@ def _unavailable(exc: Exception):
 
 def _unexpected(exc: Exception):
     log.exception("unhandled error")
-    return error_response(500, "internal_error", "an unexpected error occurred")
+    current = logs.current_request()
+    extra = {"request_id": current.id} if current is not None else {}
+    return error_response(500, "internal_error", "an unexpected error occurred", **extra)
 
 
 def _snake(name: str) -> str:
