@@ -338,3 +338,27 @@ def backends_on_lock(cur) -> int:
         " AND application_name = 'service' AND wait_event_type = 'Lock'"
     )
     return cur.fetchone()[0]
+
+
+@pytest.mark.parametrize(("proxies", "seen"), [("1", "203.0.113.9"), ("0", HOST)])
+def test_behind_a_trusted_proxy_the_access_line_names_the_client(
+    database_url, admin, tmp_path, proxies, seen
+):
+    """With TRUSTED_PROXIES=1 gunicorn serves the app wrapped in werkzeug's ProxyFix: the
+    requests still reach their pool, and the access line takes the client's address from the
+    proxy's X-Forwarded-For. Without it, a client cannot choose its own address."""
+    user = seed_user(admin)
+    env = {"WEB_CONCURRENCY": "1", "DB_POOL_MAX": "1", "TRUSTED_PROXIES": proxies}
+    with Gunicorn(database_url, tmp_path / "gunicorn.log", **env) as gunicorn:
+        conn = http.client.HTTPConnection(HOST, gunicorn.port, timeout=30)
+        try:
+            conn.request(
+                "GET",
+                f"/users/{user}",
+                headers={"X-Request-ID": "proxied", "X-Forwarded-For": "203.0.113.9"},
+            )
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        [line] = access_lines(log_objects(gunicorn), "proxied")
+    assert line["remote_addr"] == seen
