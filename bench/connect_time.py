@@ -1,7 +1,7 @@
 """What a request pays to reach the database, measured one request at a time, no load.
 
 Before: `psycopg2.connect()` (TCP, SCRAM authentication, a new server process), as the
-per-request variant does. After: a checkout and return through the service's own door,
+per-request variant does. After: a checkout and return through the service's own get_db(),
 `get_db()`, with a warm pool; a block that runs no statement sends nothing to the server.
 Both are also timed with the users SELECT inside, which is the whole database part of a
 request.

@@ -235,8 +235,8 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
     return {
         "service code": f"commit {host.revision(servers.ROOT)}",
         "servers": (
-            f"gunicorn, {servers.WORKERS} workers (the service's gevent worker, "
-            "service/worker.py, for pooled, ceiling and per-request), "
+            f"gunicorn, {servers.WORKERS} workers (gunicorn's gevent worker for pooled, "
+            "ceiling and per-request), "
             f"WORKER_CONNECTIONS={_worker_connections(args)}, pool {pool} per worker "
             f"(DB_POOL_MAX={pool}, DB_MAX_CONNECTIONS={servers.WORKERS * pool}), "
             f"DB_POOL_TIMEOUT={servers.POOL_TIMEOUT_S} (the default 5 s would turn the wait "

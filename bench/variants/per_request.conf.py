@@ -14,7 +14,7 @@ patch_psycopg()
 import os  # noqa: E402
 
 wsgi_app = "bench.variants.per_request:app"
-worker_class = "service.worker.GeventWorker"  # the service's worker, as in gunicorn.conf.py
+worker_class = "gevent"  # the service's worker, as in gunicorn.conf.py
 bind = [f"127.0.0.1:{os.environ['PORT']}"]
 workers = int(os.environ["WEB_CONCURRENCY"])
 worker_connections = int(os.environ["WORKER_CONNECTIONS"])
