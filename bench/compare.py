@@ -1,0 +1,494 @@
+"""`python -m bench.compare --a DIR --b DIR`: two checkouts of the service, side by side.
+
+Both checkouts run their production command (`gunicorn -c gunicorn.conf.py`, from their own
+folder) at once, on loopback, against one throwaway PostgreSQL with a database each, so that
+one's writes never grow the other's table. Each database is migrated by its gunicorn's master
+and seeded with the same users. wrk then sends the mix of `bench/mix.lua` (reads, a list,
+creates, renames).
+
+At each concurrency level, rounds alternate the order (A then B, B then A, ...), so that a
+slow spell of the machine or a growing table does not always fall on the same checkout; the
+verdict is the median of the per-round ratios. Each measured run follows a discarded 2 s
+warm-up at the same level, and starts only once neither server holds a client connection of
+the previous run, so no run pays for another's hang-ups. Non-2xx answers and socket errors,
+warm-ups included, are always listed.
+
+Everything started is stopped on exit, on Ctrl-C, on SIGTERM and on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import resource
+import secrets
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+
+from bench import wrk
+from deploy.localpg import LocalPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+MIX_LUA = Path(__file__).resolve().parent / "mix.lua"
+WARMUP_S = 2
+READY_DEADLINE_S = 60.0
+STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 30 s
+DRAIN_DEADLINE_S = 30.0
+POLL_S = 0.05
+MIN_WORKER_CONNECTIONS = 6000
+MIN_MAX_CONNECTIONS = 200
+LABELS = ("A", "B")
+# /proc/net/tcp states of a socket the server still holds for a client: ESTABLISHED,
+# SYN_RECV, CLOSE_WAIT (the client hung up, the server has not closed yet).
+_HELD_STATES = {"01", "03", "08"}
+_STATUS = re.compile(r'"status": ?(\d{3})')
+_METHOD_ROUTE = re.compile(r'"method": ?"([A-Z]+)".*?"route": ?("[^"]*"|null)')
+LOG_EVENTS = {
+    "tracebacks": "Traceback (most recent call last)",
+    "worker timeouts": "WORKER TIMEOUT",
+    "workers booted": "Booting worker",
+    "too many open files": "Too many open files",
+}
+
+
+class Server:
+    """One checkout's gunicorn on 127.0.0.1, in a session of its own, logging to a file."""
+
+    def __init__(self, label: str, root: Path, dsn: str, env: dict[str, str], log: Path):
+        self.label = label
+        self.root = root
+        self.dsn = dsn
+        self.port = int(env["PORT"])
+        self.log_path = log
+        self._env = env
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start gunicorn; its output goes to the log file, never through this process."""
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                [str(gunicorn_for(self.root)), "-c", "gunicorn.conf.py"],
+                cwd=self.root,
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_ready(self) -> None:
+        """Return once /healthz and then /readyz answer 200; raise RuntimeError with the log's
+        tail when gunicorn exits or READY_DEADLINE_S passes first."""
+        deadline = time.monotonic() + READY_DEADLINE_S
+        for path in ("/healthz", "/readyz"):
+            while not self._answers(path):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.label} did not become ready:\n{self.log_tail()}")
+                time.sleep(POLL_S)
+
+    def held_connections(self) -> int:
+        """Client sockets the server still holds on its port (established or not yet closed)."""
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                fields = row.split()
+                local, state = fields[1], fields[3]
+                if state in _HELD_STATES and int(local.rsplit(":", 1)[1], 16) == self.port:
+                    count += 1
+        return count
+
+    def stop(self) -> None:
+        """SIGTERM to the session (gunicorn's graceful stop), SIGKILL after STOP_DEADLINE_S."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def _answers(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as answer:
+                return answer.status == 200
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+
+@dataclass
+class Round:
+    """One round of one level: each checkout's measured run, and its discarded warm-up."""
+
+    number: int
+    order: tuple[str, ...]
+    results: dict[str, wrk.WrkResult] = field(default_factory=dict)
+    warmups: dict[str, wrk.WrkResult] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def gunicorn_for(root: Path) -> Path:
+    """The checkout's own `.venv/bin/gunicorn`, else this repository's."""
+    own = root / ".venv" / "bin" / "gunicorn"
+    return own if own.exists() else ROOT / ".venv" / "bin" / "gunicorn"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; 0 when every run completed, 1 on a failure, 2 on bad usage."""
+    args = _parse(argv)
+    try:
+        wrk.find_wrk()
+        for root in (args.a, args.b):
+            if not (root / "gunicorn.conf.py").exists():
+                raise RuntimeError(f"{root} has no gunicorn.conf.py: not a checkout")
+    except RuntimeError as exc:
+        print(f"bench.compare: {exc}", file=sys.stderr)
+        return 2
+    _raise_open_files(max(args.levels))
+    # SIGTERM unwinds like Ctrl-C, so that the servers and PostgreSQL are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    logs = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    print(f"bench.compare: servers' logs in {logs}", flush=True)
+    try:
+        sections = _run(args, logs)
+    except (RuntimeError, subprocess.TimeoutExpired, psycopg2.Error) as exc:
+        print(f"bench.compare: failed: {exc}", file=sys.stderr)
+        return 1
+    text = "\n\n".join([_header(args, logs), *sections]) + "\n"
+    print("\n" + text)
+    if args.out is not None:
+        args.out.write_text(text)
+        print(f"bench.compare: wrote {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace, logs: Path) -> list[str]:
+    """Start PostgreSQL and both servers, measure every level, stop everything; return the
+    report's sections: one per level, then what the servers' logs tell."""
+    budget = 2 * args.workers * args.pool_max
+    pg = LocalPostgres(settings={"max_connections": str(max(MIN_MAX_CONNECTIONS, budget + 20))})
+    servers: list[Server] = []
+    try:
+        pg.start()
+        for label, root in zip(LABELS, (args.a, args.b), strict=True):
+            server = _new_server(label, root, pg, args, logs)
+            servers.append(server)  # before it starts: whatever happens next, it is stopped
+            server.start()
+            server.wait_ready()
+            _seed(server.dsn, args.users)
+            print(f"bench.compare: {label} ready on {server.url} ({root})", flush=True)
+        sections = [_table(level, _measure_level(servers, level, args)) for level in args.levels]
+    finally:
+        for server in servers:
+            server.stop()
+        pg.stop()
+    return [*sections, _log_section(servers)]
+
+
+def _new_server(
+    label: str, root: Path, pg: LocalPostgres, args: argparse.Namespace, logs: Path
+) -> Server:
+    """A server for `root` with a database of its own and a free port on loopback."""
+    dsn = pg.create_database(f"bench_{label.lower()}")
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(
+        DATABASE_URL=dsn,
+        WEB_CONCURRENCY=str(args.workers),
+        DB_POOL_MAX=str(args.pool_max),
+        WORKER_CONNECTIONS=str(max(MIN_WORKER_CONNECTIONS, max(args.levels))),
+        PORT=str(port),
+        GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
+    )
+    return Server(label, root, dsn, env, logs / f"{label}.log")
+
+
+def _seed(dsn: str, users: int) -> None:
+    """Insert `users` users with ids 1..users into the freshly migrated table, then VACUUM
+    ANALYZE it; raise RuntimeError when the ids come out otherwise (the table was not empty)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO users (name, email) SELECT 'user ' || i, 'user' || i || "
+                "'@example.com' FROM generate_series(1, %s) AS i",
+                (users,),
+            )
+            cur.execute("SELECT count(*), min(id), max(id) FROM users")
+            found = cur.fetchone()
+            if found != (users, 1, users):
+                raise RuntimeError(f"seeding gave count, min, max id {found}, not 1..{users}")
+            cur.execute("VACUUM ANALYZE users")
+    finally:
+        conn.close()
+
+
+def _measure_level(servers: list[Server], level: int, args: argparse.Namespace) -> list[Round]:
+    """Every round of one level, the order of the checkouts alternating round by round."""
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        ordered = servers if number % 2 else servers[::-1]
+        round_ = Round(number, tuple(server.label for server in ordered))
+        for server in ordered:
+            _measure(server, servers, level, args, round_)
+        rounds.append(round_)
+    return rounds
+
+
+def _measure(
+    server: Server, servers: list[Server], level: int, args: argparse.Namespace, round_: Round
+) -> None:
+    """A discarded warm-up, then the measured run, each after both servers are drained."""
+    for warmup in (True, False):
+        round_.notes += _drain(servers)
+        duration = WARMUP_S if warmup else args.duration
+        tag = f"r{secrets.token_hex(4)}"  # a new one per wrk run: emails never repeat
+        lua_args = [str(args.users), tag]
+        result, _ = wrk.run(wrk.command(server.url, level, duration, MIX_LUA, lua_args))
+        (round_.warmups if warmup else round_.results)[server.label] = result
+    print(
+        f"bench.compare: {level:>6,} round {round_.number} {server.label}: "
+        f"{result.rps:>9,.0f} req/s, p99 {result.p99_ms:8.1f} ms, "
+        f"non-2xx {result.non_2xx}, socket errors {result.socket_errors}",
+        flush=True,
+    )
+
+
+def _drain(servers: list[Server]) -> list[str]:
+    """Wait until no server holds a client connection; return a note for each one that still
+    does after DRAIN_DEADLINE_S (the run then goes ahead, and the note is reported)."""
+    deadline = time.monotonic() + DRAIN_DEADLINE_S
+    while time.monotonic() < deadline:
+        if not any(server.held_connections() for server in servers):
+            return []
+        time.sleep(POLL_S)
+    return [
+        f"{server.label} still held {held} client connections after {DRAIN_DEADLINE_S:g} s"
+        for server in servers
+        if (held := server.held_connections())
+    ]
+
+
+def _table(level: int, rounds: list[Round]) -> str:
+    """One level's Markdown: each round, the medians, then every error and note."""
+    lines = [
+        f"### {level:,} connections",
+        "",
+        "| round | order | A req/s | A p99 ms | B req/s | B p99 ms | B/A req/s | B/A p99 |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rounds:
+        a, b = r.results["A"], r.results["B"]
+        cells = [a.rps, a.p99_ms, b.rps, b.p99_ms, _ratio(b.rps, a.rps), _ratio(b.p99_ms, a.p99_ms)]
+        lines.append(f"| {r.number} | {', '.join(r.order)} | " + _cells(cells) + " |")
+    lines.append("| **median** | | " + _cells(_medians(rounds)) + " |")
+    return "\n".join([*lines, "", *_errors(rounds)])
+
+
+def _medians(rounds: list[Round]) -> list[float]:
+    """Median req/s and p99 of each checkout, then the medians of the per-round ratios."""
+
+    def median(values: list[float]) -> float:
+        known = [v for v in values if v == v]  # NaN: a run with no answer has no latency
+        return statistics.median(known) if known else float("nan")
+
+    a = [r.results["A"] for r in rounds]
+    b = [r.results["B"] for r in rounds]
+    return [
+        median([x.rps for x in a]),
+        median([x.p99_ms for x in a]),
+        median([x.rps for x in b]),
+        median([x.p99_ms for x in b]),
+        median([_ratio(y.rps, x.rps) for x, y in zip(a, b, strict=True)]),
+        median([_ratio(y.p99_ms, x.p99_ms) for x, y in zip(a, b, strict=True)]),
+    ]
+
+
+def _cells(values: list[float]) -> str:
+    """req/s, p99 (A), req/s, p99 (B), then two ratios, each in its own format."""
+    formats = ["{:,.0f}", "{:.1f}", "{:,.0f}", "{:.1f}", "{:.3f}", "{:.3f}"]
+    return " | ".join(
+        "n/a" if v != v else f.format(v) for f, v in zip(formats, values, strict=True)
+    )
+
+
+def _ratio(b: float, a: float) -> float:
+    return b / a if a else float("nan")
+
+
+def _errors(rounds: list[Round]) -> list[str]:
+    """A line per run (warm-ups included) with non-2xx answers or socket errors, and every
+    drain note; a single line saying so when there were none."""
+    lines = []
+    for r in rounds:
+        for kind, results in (("warm-up", r.warmups), ("measured", r.results)):
+            for label, x in sorted(results.items()):
+                if x.non_2xx or x.socket_errors:
+                    lines.append(
+                        f"- round {r.number} {label} ({kind}): {x.non_2xx} non-2xx of "
+                        f"{x.requests}; socket errors connect {x.connect_errors}, read "
+                        f"{x.read_errors}, write {x.write_errors}, timeout {x.timeouts}"
+                    )
+        lines += [f"- round {r.number}: {note}" for note in r.notes]
+    return lines or ["No non-2xx answers and no socket errors, warm-ups included."]
+
+
+def _log_section(servers: list[Server]) -> str:
+    """What each server's log tells: answers of 400 and up by route, and signs of trouble."""
+    lines = ["### Server logs", ""]
+    for server in servers:
+        statuses, events = _scan_log(server.log_path)
+        found = [f"{n} x {key}" for key, n in sorted(statuses.items())]
+        found += [f"{n} {name}" for name, n in events.items() if n and name != "workers booted"]
+        summary = "; ".join(found) or "no answer of 400 or more, no traceback"
+        lines.append(
+            f"- {server.label} ({server.log_path}): {summary}; "
+            f"{events['workers booted']} workers booted"
+        )
+    return "\n".join(lines)
+
+
+def _scan_log(path: Path) -> tuple[Counter, Counter]:
+    """Access lines of status 400 and up counted by status, method and route; LOG_EVENTS
+    counted by name. Reads line by line: the log holds one line per request."""
+    statuses: Counter = Counter()
+    events: Counter = Counter(dict.fromkeys(LOG_EVENTS, 0))
+    with open(path, errors="replace") as log:
+        for line in log:
+            status = _STATUS.search(line)
+            if status and int(status[1]) >= 400:
+                where = _METHOD_ROUTE.search(line)
+                route = f"{where[1]} {where[2].strip(chr(34))}" if where else "?"
+                statuses[f"{status[1]} {route}"] += 1
+            for name, marker in LOG_EVENTS.items():
+                if marker in line:
+                    events[name] += 1
+    return statuses, events
+
+
+def _header(args: argparse.Namespace, logs: Path) -> str:
+    """The command, the date, the machine and what exactly was compared."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m bench.compare " + shlex.join(args.argv)
+    return "\n".join(
+        [
+            "## A/B comparison: bench/mix.lua",
+            "",
+            f"- command: `{command}`",
+            f"- date: {now}; nproc: {len(os.sched_getaffinity(0))}",
+            f"- A: {_revision(args.a)}",
+            f"- B: {_revision(args.b)}",
+            f"- each: WEB_CONCURRENCY={args.workers}, DB_POOL_MAX={args.pool_max}, "
+            f"{args.users:,} users seeded in a database of its own; wrk -t2 for "
+            f"{args.duration} s after a {WARMUP_S} s warm-up; rounds: {args.rounds}, order "
+            "alternating; ratios are B/A",
+            f"- servers' logs: {logs}",
+        ]
+    )
+
+
+def _revision(root: Path) -> str:
+    """`root` at its short commit, and whether `git status --porcelain` lists anything."""
+    commit = _git(root, "rev-parse", "--short", "HEAD").strip() or "unknown commit"
+    status = _git(root, "status", "--porcelain").splitlines()
+    if not status:
+        return f"{root} at {commit}, no uncommitted changes"
+    untracked = sum(line.startswith("??") for line in status)
+    return (
+        f"{root} at {commit}, uncommitted changes: {len(status) - untracked} changed, "
+        f"{untracked} untracked paths"
+    )
+
+
+def _git(root: Path, *args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _raise_open_files(level: int) -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, inherited by wrk and both gunicorns."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < level + 1024:
+        print(f"bench.compare: warning: open files limited to {target}", file=sys.stderr)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--a", type=_checkout, required=True, help="checkout A (the baseline)")
+    parser.add_argument("--b", type=_checkout, required=True, help="checkout B")
+    parser.add_argument("--levels", type=_levels, default=[50, 500], help="e.g. 50,500")
+    parser.add_argument("--duration", type=_positive, default=10, help="seconds per run")
+    parser.add_argument("--rounds", type=_positive, default=5)
+    parser.add_argument("--workers", type=_positive, default=2, help="WEB_CONCURRENCY")
+    parser.add_argument("--pool-max", type=_positive, default=10, help="DB_POOL_MAX")
+    parser.add_argument("--users", type=_positive, default=10_000, help="users seeded")
+    parser.add_argument("--out", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    return args
+
+
+def _checkout(text: str) -> Path:
+    path = Path(text).resolve()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of 1 or more")
+    return value
+
+
+def _levels(text: str) -> list[int]:
+    levels = [_positive(part) for part in text.split(",") if part.strip()]
+    if not levels:
+        raise argparse.ArgumentTypeError("give at least one level, e.g. 50,500")
+    return levels
+
+
+if __name__ == "__main__":
+    sys.exit(main())
