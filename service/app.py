@@ -33,6 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
+    loader = app.extensions[users.LOADER] = users.user_loader()
+    app.extensions[db.WAITING_ELSEWHERE] = lambda: loader.waiting
     return app
 
 

@@ -252,7 +252,10 @@ def test_metrics_add_up_every_workers_requests(server, admin):
         assert value(samples, "http_requests_total", **ok) == sent
         count = "http_request_duration_seconds_count"
         assert value(samples, count, method="GET", route=USER_ROUTE) == sent
-        assert value(samples, "db_pool_checkouts_total") >= sent  # one per request, and warm-up
+        assert value(samples, "db_lookups_total") == sent
+        queries = value(samples, "db_lookup_queries_total")
+        assert 0 < queries <= sent  # fewer when concurrent lookups shared a query
+        assert value(samples, "db_pool_checkouts_total") >= queries
         assert value(samples, "db_pool_max") == WORKERS * POOL_MAX
         assert value(samples, "db_pool_in_use") == 0
         assert value(samples, "db_pool_idle") == value(samples, "db_pool_size") >= WORKERS

@@ -190,8 +190,30 @@ def test_waiters_beyond_max_waiting_get_pool_timeout_at_once(make_pool):
         pass
     assert time.monotonic() - started < 0.1
     release.set()
-    gevent.joinall(jobs, raise_error=True)
+    assert len(gevent.joinall(jobs, timeout=10, raise_error=True)) == len(jobs)
     assert pool.stats()["in_use"] == 0
+
+
+def test_callers_waiting_elsewhere_count_towards_max_waiting(make_pool):
+    """Lookups waiting in a batch (service/db/batch.py) wait for a connection too."""
+    elsewhere = [1]
+    pool = make_pool(max_size=1, max_waiting=2, timeout=5, waiting_elsewhere=lambda: elsewhere[0])
+    release = gevent.event.Event()
+
+    def holder():
+        with pool.connection() as db:
+            db.execute("SELECT 1")
+            release.wait(10)
+
+    jobs = [gevent.spawn(holder) for _ in range(2)]  # one holds, one waits: 2 with elsewhere's
+    wait_until(lambda: pool.stats()["waiting"] == 1, 5, "one waiter")
+    assert pool.waiting_cap_reached() == "2 requests already wait for a connection"
+    with pytest.raises(PoolTimeout, match="2 requests already wait"), pool.connection():
+        pass
+    elsewhere[0] = 0
+    assert pool.waiting_cap_reached() is None
+    release.set()
+    assert len(gevent.joinall(jobs, timeout=10, raise_error=True)) == len(jobs)
 
 
 def test_a_connection_held_too_long_is_reported_once_with_the_stack_that_holds_it(

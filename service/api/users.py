@@ -2,6 +2,8 @@
 
 Input is checked completely before any SQL runs, so bad input stores nothing. Every handler
 runs one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
+`GET /users/<id>` goes through the worker's batch loader, so that concurrent reads of single
+users share queries under load (service/db/batch.py).
 Uniqueness of email is the database's job (a unique index): a race between two creators ends
 in one 201 and one 409, never in two rows.
 """
@@ -9,17 +11,20 @@ in one 201 and one 409, never in two rows.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg2.errors
-from flask import Blueprint, request
+from flask import Blueprint, current_app, request
 
 from service.api.errors import ApiError
 from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
-from service.db import get_db
+from service.db import PoolTimeout, current_pool, get_db
+from service.db.batch import BatchLoader
+from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
+LOADER = "service.api.users.loader"
 
 NAME_MAX = 200
 EMAIL_MAX = 254
@@ -66,10 +71,51 @@ def list_users():
 @bp.get("/<user_id>")
 def get_user(user_id: str):
     uid = _parse_id(user_id)
-    with get_db(autocommit=True) as db:
-        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = %s", (uid,))
-        user = db.fetchone()
-    return _public(_found(user))
+    return _public(_found(current_app.extensions[LOADER].get(uid)))
+
+
+def user_loader() -> BatchLoader:
+    """One worker's loader of users by id, whose concurrent lookups share queries
+    (service/db/batch.py); `create_app` keeps it in `app.extensions[LOADER]`."""
+    return BatchLoader(
+        _users_by_id,
+        turn_timeout=_turn_timeout,
+        answer_timeout=_answer_timeout,
+        timed_out=_no_connection_in_time,
+        waited=logs.add_pool_wait,
+        answered=metrics.lookups_answered,
+    )
+
+
+def _turn_timeout() -> float:
+    """How long a lookup may wait for its query to hold a connection; PoolTimeout at once
+    when DB_POOL_MAX_WAITING requests already wait for one (lookups in batches included)."""
+    pool = current_pool()
+    refused = pool.waiting_cap_reached()
+    if refused is not None:
+        raise pool.turned_away(refused)
+    return pool.timeout
+
+
+def _answer_timeout() -> float:
+    """How long a lookup waits for the answer to a query that holds a connection: as long as
+    the pool lets its sender wait for it, and a second more for the sender to hand it over."""
+    return current_pool().statement_deadline_s + 1.0
+
+
+def _no_connection_in_time() -> PoolTimeout:
+    pool = current_pool()
+    return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
+
+
+def _users_by_id(
+    ids: Sequence[int], waited_s: float, connected: Callable[[], None]
+) -> dict[int, dict]:
+    # The wait for its turn counts against the wait for a connection.
+    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+        connected()
+        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
+        return {row["id"]: row for row in db.fetchall()}
 
 
 @bp.patch("/<user_id>")

@@ -25,6 +25,7 @@ from service.db.pool import Cursor, Pool, PoolEvents
 
 __all__ = [
     "EVENTS",
+    "WAITING_ELSEWHERE",
     "Cursor",
     "DatabaseUnavailable",
     "Pool",
@@ -42,6 +43,9 @@ EXTENSION = "service.db.pool"
 # Where an app keeps the `PoolEvents` listener its pool should report to (create_app puts the
 # metrics there); without one the pool reports nothing.
 EVENTS = "service.db.events"
+# Where an app keeps a callable counting requests that wait for a connection outside the pool
+# (a batch loader's lookups), which DB_POOL_MAX_WAITING counts too.
+WAITING_ELSEWHERE = "service.db.waiting_elsewhere"
 
 
 def open_pool(app: Flask) -> Pool:
@@ -60,6 +64,7 @@ def open_pool(app: Flask) -> Pool:
         max_waiting=settings.db_pool_max_waiting,
         leak_warn_s=settings.db_pool_leak_warn_s,
         events=events,
+        waiting_elsewhere=app.extensions.get(WAITING_ELSEWHERE),
     )
     app.extensions[EXTENSION] = pool
     pool.warm()

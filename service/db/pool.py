@@ -169,8 +169,10 @@ class Pool(ThreadedConnectionPool):
 
     `connection()` is the way in. `timeout` bounds the wait for a free connection,
     `connect_timeout` the opening of a new one, `statement_timeout_ms` every statement.
-    `events`, when given, hears what the pool does (`PoolEvents`). Nothing is opened here:
-    `warm()` opens `min_size` connections, best effort.
+    `events`, when given, hears what the pool does (`PoolEvents`). `waiting_elsewhere`, when
+    given, counts callers that wait for a connection outside the pool (lookups in a batch,
+    service/db/batch.py), for the `max_waiting` cap. Nothing is opened here: `warm()` opens
+    `min_size` connections, best effort.
     """
 
     def __init__(
@@ -188,6 +190,7 @@ class Pool(ThreadedConnectionPool):
         ping_after_idle_s: float = PING_AFTER_IDLE_S,
         application_name: str = "service",
         events: PoolEvents | None = None,
+        waiting_elsewhere: Callable[[], int] | None = None,
     ):
         super().__init__(
             0,  # psycopg2 would open minconn connections here, failing when the server is down
@@ -226,6 +229,7 @@ class Pool(ThreadedConnectionPool):
         self._next_connect_at = 0.0
         self._probing = False
         self._events = events
+        self._waiting_elsewhere = waiting_elsewhere
         self._changed()
 
     @contextmanager
@@ -296,6 +300,12 @@ class Pool(ThreadedConnectionPool):
     def timeout(self) -> float:
         """How long `connection()` waits for a free connection by default."""
         return self._timeout
+
+    @property
+    def statement_deadline_s(self) -> float:
+        """How long a statement may go unanswered before its connection is given up: the
+        statement timeout and DEADLINE_GRACE_S."""
+        return self._deadline_s
 
     @property
     def waiting(self) -> int:
@@ -452,11 +462,32 @@ class Pool(ThreadedConnectionPool):
             return False
         return True
 
+    def waiting_cap_reached(self) -> str | None:
+        """Why one more caller may not wait for a connection (`max_waiting` already wait, in
+        the pool or elsewhere), or None when it may."""
+        if not self._max_waiting:
+            return None
+        waiting = self._permits.waiting
+        if self._waiting_elsewhere is not None:
+            waiting += self._waiting_elsewhere()
+        if waiting < self._max_waiting:
+            return None
+        return f"{waiting} requests already wait for a connection"
+
+    def turned_away(self, reason: str) -> PoolTimeout:
+        """The `PoolTimeout` for a caller that got no connection before it reached the pool (a
+        lookup whose batch got no turn in time, or past the waiting cap), counted as the pool
+        counts its own."""
+        if self._events is not None:
+            self._events.timed_out(0.0)
+        return PoolTimeout(reason)
+
     def _acquire_permit(self, timeout: float) -> None:
         if self._permits.try_acquire():
             return
-        if self._max_waiting and self._permits.waiting >= self._max_waiting:
-            raise PoolTimeout(f"{self._permits.waiting} requests already wait for a connection")
+        refused = self.waiting_cap_reached()
+        if refused is not None:
+            raise PoolTimeout(refused)
         if not self._permits.acquire(timeout, joined=self._changed):
             raise PoolTimeout(f"no database connection became free within {timeout:g} s")
 

@@ -59,6 +59,11 @@ POOL_WAIT = Histogram(
     "Time from asking for a connection to holding one",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+LOOKUPS = Counter("db_lookups", "Single rows looked up by key (GET /users/<id>)")
+LOOKUP_QUERIES = Counter(
+    "db_lookup_queries",
+    "Queries sent for those lookups: fewer than lookups when lookups shared a query",
+)
 REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
@@ -101,6 +106,12 @@ class PoolMetrics:
             if self._last.get(key) != value:
                 self._last[key] = value
                 POOL_GAUGES[key].set(value)
+
+
+def lookups_answered(lookups: int) -> None:
+    """One query answered `lookups` lookups (service/db/batch.py)."""
+    LOOKUPS.inc(lookups)
+    LOOKUP_QUERIES.inc()
 
 
 def register(app: Flask) -> None:

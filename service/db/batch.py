@@ -1,0 +1,220 @@
+"""A batch loader: concurrent reads of single rows by key, answered by one query.
+
+A worker under load spends its time in Python, and each database round trip costs it a pool
+checkout, a statement to build and send, and a wake-up when the answer comes, besides the
+server's own work for the statement. `BatchLoader` lets at most `in_flight` lookup queries of a
+worker run at once. A lookup that finds them all running does not queue alone: it joins the
+batch of every lookup that arrives while it waits, and when a query returns, one query
+(`WHERE id = ANY(...)`) answers the whole batch. Under load the batches grow by themselves; at
+low load a lookup finds a free permit and goes at once, alone, and waits for nothing. What it
+is worth on the realistic mix: docs/performance.md.
+
+A lookup never joins a query already sent, so it sees every write committed before it was
+asked, just as a query of its own would.
+
+Each lookup keeps its own deadline for waiting: until its query holds a connection it may
+leave, with the pool's 503, when its time (`turn_timeout()`, DB_POOL_TIMEOUT) runs out; after
+that the statement's deadline bounds the wait. When the lookup that was to send the query gives
+up before it holds a connection (its own time ran out, it got no connection, it was killed),
+the others go on, with their own time, in the next batch. A query that fails once sent fails
+every lookup it answers: a connection found broken costs the whole batch its 503, where each
+request with a query of its own would have paid for its own connection only.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from gevent.event import Event
+
+from service.db.errors import DatabaseUnavailable
+from service.db.semaphore import FairSemaphore
+
+IN_FLIGHT = 1
+MAX_KEYS = 500  # a batch this large is sent as it is; later lookups start the next one
+
+
+class _Batch:
+    """Lookups that go in one query, and, once it returned, its answer."""
+
+    __slots__ = ("closed", "counted", "done", "error", "keys", "left", "rows", "sent_at")
+
+    def __init__(self, key: Hashable) -> None:
+        self.keys = [key]
+        self.counted = 0  # its lookups counted in `BatchLoader.waiting`
+        self.left = 0  # its lookups that gave up before it was sent
+        self.closed = False  # sent or given up: it counts no longer, and takes no one in
+        self.sent_at = 0.0  # when its query got a connection (0: it did not)
+        self.done = Event()
+        self.rows: dict[Hashable, Any] = {}
+        self.error: BaseException | None = None
+
+
+class BatchLoader:
+    """Lookups by key for one worker's greenlets: at most `in_flight` queries at once.
+
+    `fetch(keys, waited_s, connected)` runs one query for all `keys` and returns their rows by
+    key, a key without a row left out; `waited_s` is how long the lookup that sends it already
+    waited for its turn, to be taken off its wait for a connection, and `connected()` must be
+    called once it holds one. `turn_timeout()` is how long a lookup may wait for its query to
+    get a connection, and `timed_out()` the error when it did not; `answer_timeout()` is how long
+    it then waits for the answer (the sender's statement deadline, and a little more), after which
+    it gets `DatabaseUnavailable`, never a wait without end. `waited(seconds)` is told, in
+    each lookup's greenlet, how long it waited for that, and `answered(lookups)`, per query,
+    how many lookups it answered.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[Sequence[Hashable], float, Callable[[], None]], dict[Hashable, Any]],
+        *,
+        turn_timeout: Callable[[], float],
+        answer_timeout: Callable[[], float],
+        timed_out: Callable[[], Exception],
+        waited: Callable[[float], None],
+        answered: Callable[[int], None],
+        in_flight: int = IN_FLIGHT,
+        max_keys: int = MAX_KEYS,
+    ) -> None:
+        self._fetch = fetch
+        self._turn_timeout = turn_timeout
+        self._answer_timeout = answer_timeout
+        self._timed_out = timed_out
+        self._waited = waited
+        self._answered = answered
+        self._slots = FairSemaphore(in_flight)
+        self._max_keys = max_keys
+        self._batch: _Batch | None = None
+        self._batched = 0
+
+    @property
+    def waiting(self) -> int:
+        """Lookups whose query holds no connection yet: they wait for one, in effect. A sender
+        waiting in the pool is the pool's to count, not counted here too."""
+        return self._batched
+
+    def get(self, key: Hashable) -> Any:
+        """The row for `key`, or None when there is none. Raises what the query raised, for
+        every lookup it was sent for, and `timed_out()` when it got no connection in time."""
+        asked = time.perf_counter()
+        deadline = asked + self._turn_timeout()  # raises for a request that may wait no more
+        while True:
+            batch = self._batch
+            if batch is None:
+                return self._send(_Batch(key), key, asked, deadline)
+            if self._join(batch, key, asked, deadline):
+                if batch.error is not None:
+                    raise _again(batch.error) from batch.error
+                return batch.rows.get(key)
+            # Its sender gave up before the query held a connection: this one goes on.
+
+    def _join(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> bool:
+        """Wait in `batch` for its query; whether it was sent (False: it was given up)."""
+        batch.keys.append(key)
+        self._count(batch, 1)
+        if len(batch.keys) >= self._max_keys:
+            self._batch = None
+        try:
+            _wait(batch.done, max(0.0, deadline - time.perf_counter()))
+            if not batch.done.is_set():
+                if not batch.sent_at:
+                    raise self._timed_out()  # its own time ran out first
+                # Its query holds a connection: the statement's deadline bounds the sender's
+                # wait for the answer, and this one waits that long from then, no longer.
+                answer_by = batch.sent_at + self._answer_timeout()
+                _wait(batch.done, max(0.0, answer_by - time.perf_counter()))
+                if not batch.done.is_set():
+                    raise DatabaseUnavailable("the query for this lookup got no answer in time")
+        except BaseException:
+            self._waited(time.perf_counter() - asked)
+            raise
+        finally:
+            if not batch.closed:  # leaving, out of time or killed
+                self._count(batch, -1)
+                batch.left += 1
+        if not batch.sent_at:
+            return False  # its wait goes on, and is told once it ends
+        self._waited(batch.sent_at - asked)
+        return True
+
+    def _send(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> Any:
+        try:
+            if not self._slots.try_acquire():
+                self._collect(batch, asked, deadline)
+            waited_s = time.perf_counter() - asked
+            try:
+                self._waited(waited_s)
+                batch.rows = self._fetch(batch.keys, waited_s, lambda: self._sent(batch))
+            finally:
+                self._slots.release()
+            self._answered(len(batch.keys) - batch.left)
+        except Exception as exc:
+            if batch.sent_at:  # the query's own failure; before that, the others go on
+                batch.error = exc
+            raise
+        except BaseException:  # killed: a query sent for the others will not be answered
+            if batch.sent_at:
+                batch.error = DatabaseUnavailable("the query for this lookup was abandoned")
+            raise
+        finally:
+            self._close(batch)  # given up unsent, if it got no connection
+            batch.done.set()
+        return batch.rows.get(key)
+
+    def _collect(self, batch: _Batch, asked: float, deadline: float) -> None:
+        """Wait for a turn, while later lookups join `batch`."""
+        self._batch = batch
+        self._count(batch, 1)
+        try:
+            turned = self._slots.acquire(max(0.0, deadline - time.perf_counter()))
+        finally:
+            self._count(batch, -1)  # the pool counts it, if it now waits for a connection
+            if self._batch is batch:
+                self._batch = None
+        if not turned:
+            self._waited(time.perf_counter() - asked)
+            raise self._timed_out()
+
+    def _sent(self, batch: _Batch) -> None:
+        batch.sent_at = time.perf_counter()
+        self._close(batch)
+
+    def _close(self, batch: _Batch) -> None:
+        if not batch.closed:
+            batch.closed = True
+            self._count(batch, -batch.counted)
+            if self._batch is batch:
+                self._batch = None
+
+    def _count(self, batch: _Batch, n: int) -> None:
+        batch.counted += n
+        self._batched += n
+
+
+def _wait(event: Event, timeout: float) -> None:
+    """Wait for `event` up to `timeout`, unless it is already set.
+
+    Not just `event.wait(timeout)`: gevent (26.9) loses a greenlet that calls `wait()` on an
+    Event that is set while its waiters are still to be woken, when the last of those waiters
+    then leaves by its own timeout (`AbstractLinkable.unlink` stops the pending notifier, and
+    the greenlets queued on it are never woken). That greenlet waits for ever, whatever its
+    timeout. Followers woken by their own timeouts in the loop turn in which their query's
+    answer came were lost that way (tests/test_lookups.py reproduces that turn, and
+    tests/test_faults.py the hang it caused after a network cut).
+    """
+    if not event.is_set():
+        event.wait(timeout)
+
+
+def _again(error: BaseException) -> BaseException:
+    """The error of a shared query, for one more of its lookups: a copy of its own, so that
+    the lookups' tracebacks do not pile up on one exception."""
+    try:
+        again = copy.copy(error)
+    except Exception:  # one that cannot be copied: what the service answers it with
+        again = DatabaseUnavailable(str(error))
+    again.__traceback__ = None
+    return again
