@@ -202,7 +202,7 @@ def _wait(event: Event, timeout: float) -> None:
     then leaves by its own timeout (`AbstractLinkable.unlink` stops the pending notifier, and
     the greenlets queued on it are never woken). That greenlet waits for ever, whatever its
     timeout. Followers woken by their own timeouts in the loop turn in which their query's
-    answer came were lost that way (tests/test_lookups.py reproduces that turn, and
+    answer came were lost that way (tests/test_batch_loader.py reproduces that turn, and
     tests/test_faults.py the hang it caused after a network cut).
     """
     if not event.is_set():
