@@ -23,6 +23,7 @@ import pytest
 from gevent.event import Event
 from gunicorn_proc import HOST, Gunicorn, access_lines, call, refuses_connections, wait_until
 from pgutil import Sampler, autocommit, users_locked
+from prometheus_client.parser import text_string_to_metric_families
 
 WORKERS = 2
 POOL_MAX = 4
@@ -158,7 +159,7 @@ def test_500_concurrent_requests_succeed_within_the_connection_budget(server, da
     assert len(connections) >= 10, "the sampler barely ran"
     assert 1 <= max(connections) <= BUDGET
 
-    results = [client.get() for client in clients]
+    results = [client.get(timeout=5) for client in clients]
     assert Counter(status for status, _ in results) == {200: 250, 201: 250}
     for (method, path, body), (_, answer) in zip(requests, results, strict=True):
         if method == "GET":
@@ -227,26 +228,63 @@ def requests_on_the_lock(gunicorn: Gunicorn, dsn: str, admin, n: int):
         yield clients
 
 
+def metric(port: int, name: str) -> float:
+    """A value of /metrics, added up over every worker (it never touches the database)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200, text
+    families = text_string_to_metric_families(text)
+    return sum(
+        sample.value for family in families for sample in family.samples if sample.name == name
+    )
+
+
+@contextmanager
+def requests_in_flight(gunicorn: Gunicorn, dsn: str, admin, n: int):
+    """`n` requests for a page of users while `users` is locked, more than the pools can lend:
+    yields their greenlets and how many of them hold a connection (waiting on the lock with
+    it) once every one is in a worker, holding a connection or waiting for one. Releases the
+    lock on exit."""
+    seed_users(admin, 1)
+    with users_locked(dsn):
+        clients = [gevent.spawn(call, gunicorn.port, "GET", "/users?limit=1") for _ in range(n)]
+
+        def holding_when_all_inside() -> int:
+            holding = metric(gunicorn.port, "db_pool_in_use")
+            waiting = metric(gunicorn.port, "db_pool_waiting")
+            inside = holding + waiting == n and waiting_on_lock(admin) == holding
+            return int(holding) if inside else 0
+
+        yield clients, wait_until(holding_when_all_inside, 10, "every request in a worker")
+
+
+@pytest.mark.timing
 def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_database, tmp_path):
-    in_flight = 10
-    # A pool as large as the requests in flight, so all of them hold a connection on the lock.
-    env = {**SERVER_ENV, "DB_POOL_MAX": str(in_flight)}
+    in_flight = 10  # more than the BUDGET of connections: some wait for one
     with (
-        Gunicorn(fresh_database, tmp_path / "gunicorn.log", **env) as gunicorn,
+        Gunicorn(fresh_database, tmp_path / "gunicorn.log", **SERVER_ENV) as gunicorn,
         autocommit(fresh_database) as admin,
     ):
-        with requests_on_the_lock(gunicorn, fresh_database, admin, in_flight) as clients:
+        with requests_in_flight(gunicorn, fresh_database, admin, in_flight) as (clients, holding):
+            assert holding < in_flight
             gunicorn.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             wait_until(lambda: refuses_connections(gunicorn.port), 10, "the listeners to close")
             # The workers now drain, checking once a second for requests still running: keep
             # these running for more than one check, so that the workers must wait for them.
             gevent.sleep(1.5)
-            assert waiting_on_lock(admin) == in_flight
+            assert waiting_on_lock(admin) == holding
 
         code = gunicorn.proc.wait(timeout=GRACEFUL_TIMEOUT_S)
         assert time.monotonic() - signalled < GRACEFUL_TIMEOUT_S
         assert code == 0
+        # Accepted before the SIGTERM, holding a connection or waiting for one: each gets its
+        # answer in full (README: gunicorn finishes requests in flight), never a 503.
         assert [client.get(timeout=5)[0] for client in clients] == [200] * in_flight
         wait_until(lambda: not app_backends(admin), 10, "the service's connections to close")
     assert "graceful timeout" not in gunicorn.log
@@ -308,6 +346,7 @@ def test_a_client_that_hangs_up_after_one_mib_of_chunks_is_not_a_500(server, adm
     assert admin.fetchone()[0] == 0
 
 
+@pytest.mark.timing
 def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection(
     fresh_database, tmp_path
 ):
@@ -322,7 +361,7 @@ def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection
             gunicorn.proc.send_signal(signal.SIGINT)
             # Well before gunicorn's own timeout (30 s) would SIGKILL a worker stuck in exit.
             code = gunicorn.proc.wait(timeout=10)
-        gevent.joinall(clients, timeout=5)
+        assert len(gevent.joinall(clients, timeout=5)) == in_flight  # each answered or dropped
         wait_until(lambda: not app_backends(admin), 10, "the service's connections to close")
     assert code == 0
     assert "SIGKILL" not in gunicorn.log
