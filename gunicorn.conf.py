@@ -49,9 +49,10 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
-# The Flask app behind its middleware (service/server/wsgi.py).
+# The Flask app behind its middleware (service/server/wsgi.py), served by gunicorn's gevent
+# worker accepting new connections in batches (service/server/worker.py).
 wsgi_app = "service.server.wsgi:application"
-worker_class = "gevent"
+worker_class = "service.server.worker.GeventWorker"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
 worker_connections = settings.worker_connections

@@ -1,1 +1,2 @@
-"""What gunicorn serves: the WSGI entry point (`wsgi`), the app behind its middleware."""
+"""What gunicorn runs: the worker (`worker`), and the WSGI entry point it serves (`wsgi`), the
+app behind its middleware."""
