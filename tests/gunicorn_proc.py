@@ -3,8 +3,12 @@
 `Gunicorn` starts it from the repository root with a test-sized environment, waits until every
 worker serves, and stops it with SIGTERM. It listens on 127.0.0.1 only: `GUNICORN_CMD_ARGS`
 narrows the production bind (0.0.0.0:$PORT) to the loopback address on the same port.
-Helpers here speak plain HTTP/1.1 through `http.client`, which is green once gevent has patched
-the test process (tests/conftest.py does, first thing).
+
+`request` is the tests' one HTTP client: plain HTTP/1.1 through `http.client`, which is green
+once gevent has patched the test process (tests/conftest.py does, first thing). `metric` and
+`scrape_metrics` read /metrics through it; `wait_until` is the tests' one way to wait for
+something, polling with a deadline. (tests/loadgen.py sends the load tests' requests: it times
+and classifies each end instead of raising.)
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import gevent
 from gevent.event import Event
+from prometheus_client.parser import text_string_to_metric_families
 
 from config import VARIABLES
 
@@ -53,17 +59,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def call(
+@dataclass(frozen=True)
+class Reply:
+    """A complete response: its status, its headers as the server spelled them, its raw body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        """The body decoded from JSON; None when there is none. Raises ValueError on any other."""
+        return json.loads(self.body) if self.body else None
+
+
+def request(
     port: int,
     method: str,
     path: str,
     body: object = None,
     *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
     go: Event | None = None,
     connected: list | None = None,
-    timeout: float = 30.0,
-) -> tuple[int, dict | None]:
-    """One request on a fresh connection; returns the status and the decoded JSON body.
+) -> Reply:
+    """One request on a fresh connection to 127.0.0.1:`port`, `body` (if any) sent as JSON;
+    returns the complete response. Raises what `http.client` raises when none comes: OSError
+    (refused, reset, closed, no answer within `timeout`) or an HTTPException (a cut response).
 
     With `go`, the connection is opened first (and counted in `connected`), then the request
     waits for `go`: that is how a test holds hundreds of connections open at once.
@@ -75,17 +98,40 @@ def call(
             if connected is not None:
                 connected.append(conn)
             go.wait(timeout)
-        headers = {}
+        sent = dict(headers or {})
         payload = None
         if body is not None:
-            headers["Content-Type"] = "application/json"
+            sent["Content-Type"] = "application/json"
             payload = json.dumps(body)
-        conn.request(method, path, body=payload, headers=headers)
+        conn.request(method, path, body=payload, headers=sent)
         response = conn.getresponse()
-        data = response.read()
-        return response.status, json.loads(data) if data else None
+        return Reply(response.status, dict(response.getheaders()), response.read())
     finally:
         conn.close()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics page, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape_metrics(
+    port: int, headers: dict[str, str] | None = None
+) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the service's /metrics, by name and labels: whichever worker answers
+    adds up every worker's. Fails unless it answers 200; it never touches the database."""
+    reply = request(port, "GET", "/metrics", headers=headers)
+    assert reply.status == 200, reply.body
+    return parse_metrics(reply.body.decode())
+
+
+def metric(port: int, name: str) -> float:
+    """A value of the service's /metrics, added up over its labels and every worker."""
+    return sum(value for (sample, _), value in scrape_metrics(port).items() if sample == name)
 
 
 def access_lines(lines: list[dict], request_id: str | None = None) -> list[dict]:
@@ -98,12 +144,51 @@ def access_lines(lines: list[dict], request_id: str | None = None) -> list[dict]
 
 
 def refuses_connections(port: int) -> bool:
-    """True once nothing listens on the port any more."""
+    """True once nothing listens on the port any more. A connect that was queued as the
+    listener closed is reset, which says nothing yet: the next one is refused."""
     try:
         socket.create_connection((HOST, port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
+
+
+def socket_ports(pid: int) -> set[int]:
+    """Local TCP ports of the sockets process `pid` holds open (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # exited meanwhile
+            continue
+        if parent == pid:
+            found.add(int(entry))
+    return found
 
 
 class Gunicorn:
@@ -154,7 +239,8 @@ class Gunicorn:
             raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log}")
         try:
             probes = [
-                call(self.port, "GET", path, timeout=2)[0] for path in ("/healthz", "/readyz")
+                request(self.port, "GET", path, timeout=2).status
+                for path in ("/healthz", "/readyz")
             ]
         except OSError:
             return False

@@ -44,7 +44,12 @@ class Outcome:
 
 
 def get(port: int, path: str, timeout: float = 20.0, conn=None) -> Outcome:
-    """GET `path` on a fresh connection (or on `conn`, already connected) and classify the end."""
+    """GET `path` on a fresh connection (or on `conn`, already connected) and classify the end.
+
+    Apart from tests/gunicorn_proc.py's `request`, the tests' one client, because a load test
+    counts what `request` raises: this never raises, and records when the request started, was
+    written and ended, which the storm tests need (see `while_waiting` in tests/test_faults.py).
+    """
     started = time.monotonic()
     conn = conn or http.client.HTTPConnection(HOST, port, timeout=timeout)
     sent = None

@@ -14,12 +14,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg2
 import psycopg2.extensions
-from gunicorn_proc import free_port
+from gunicorn_proc import free_port, wait_until
 
 INSTALL_HINT = "pgbouncer is not installed: apt-get install pgbouncer (Debian/Ubuntu)"
 START_DEADLINE_S = 15.0
@@ -115,17 +114,19 @@ ignore_startup_parameters = {self.ignore_startup_parameters}
             conn.close()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
-            if self._proc.poll() is not None:
-                raise AssertionError(f"pgbouncer exited at start:\n{self.log}")
-            try:
-                self.show("VERSION")
-                return
-            except psycopg2.OperationalError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"pgbouncer did not start:\n{self.log}") from None
-                time.sleep(0.05)
+        try:
+            wait_until(self._answers, START_DEADLINE_S, "pgbouncer to start", every=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log}") from None
+
+    def _answers(self) -> bool:
+        if self._proc.poll() is not None:
+            raise AssertionError("pgbouncer exited at start")
+        try:
+            self.show("VERSION")
+        except psycopg2.OperationalError:
+            return False
+        return True
 
     @property
     def log(self) -> str:

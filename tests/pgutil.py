@@ -1,5 +1,6 @@
 """PostgreSQL outside any pool, for tests: a plain autocommit cursor, a database of one's own,
-and a sampler that watches the server while a test runs."""
+users to seed it with, the server's view of its connections (`pg_stat_activity`), and a sampler
+that watches the server while a test runs."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import psycopg2.extensions
 from gevent.event import Event
 
 T = TypeVar("T")
+APP_NAME = "service"  # the application_name service.db.Pool gives its connections
 
 
 @contextmanager
@@ -38,6 +40,59 @@ def fresh_database(server_dsn: str, prefix: str) -> Iterator[str]:
     finally:
         with autocommit(server_dsn) as cur:
             cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def seed_users(cur: psycopg2.extensions.cursor, n: int) -> list[int]:
+    """Insert `n` users, `user 1` <user1@example.com> to `user n` <usern@example.com>; returns
+    their ids in the order inserted (ascending)."""
+    cur.execute(
+        "WITH seeded AS ("
+        " INSERT INTO users (name, email)"
+        " SELECT 'user ' || i, 'user' || i || '@example.com' FROM generate_series(1, %s) AS i"
+        " RETURNING id"
+        ") SELECT id FROM seeded ORDER BY id",
+        (n,),
+    )
+    return [user_id for (user_id,) in cur.fetchall()]
+
+
+def backends(
+    cur: psycopg2.extensions.cursor,
+    application_name: str | None = None,
+    *,
+    state: str | None = None,
+) -> list[dict]:
+    """The connections to the cursor's database other than its own, as `pg_stat_activity`
+    shows them: pid, application_name, client_port, state (None while a backend starts),
+    wait_event_type and query. Only `application_name`'s, and only those in `state`, if given."""
+    cur.execute(
+        "SELECT pid, application_name, client_port, state, wait_event_type, query"
+        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND (%(name)s IS NULL OR application_name = %(name)s)"
+        " AND (%(state)s IS NULL OR state = %(state)s)",
+        {"name": application_name, "state": state},
+    )
+    names = [column.name for column in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def waiting_on_lock(cur: psycopg2.extensions.cursor, application_name: str) -> int:
+    """How many of `application_name`'s connections to the cursor's database wait on a lock."""
+    return sum(b["wait_event_type"] == "Lock" for b in backends(cur, application_name))
+
+
+def backend_starts(
+    cur: psycopg2.extensions.cursor, application_name: str
+) -> list[tuple[int, float, float]]:
+    """(pid, started, now) of each of `application_name`'s connections to the cursor's
+    database, in epoch seconds of the server's clock: when its backend started, and the
+    statement's time, at which it was still there."""
+    cur.execute(
+        "SELECT pid, extract(epoch FROM backend_start)::float8, extract(epoch FROM now())::float8"
+        " FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
+        (application_name,),
+    )
+    return cur.fetchall()
 
 
 class Sampler(Generic[T]):
@@ -92,10 +147,10 @@ def only_connection_held(app) -> Iterator[None]:
         with app.app_context(), db.get_db() as cur:
             cur.execute("SELECT 1")
             held.set()
-            release.wait()
+            release.wait(60)
 
     holder = gevent.spawn(hold)
-    held.wait()
+    assert held.wait(10), "the holder took no connection within 10 s"
     try:
         yield
     finally:

@@ -12,7 +12,8 @@ import gevent
 import psycopg2
 import pytest
 from gunicorn_proc import free_port
-from pgutil import only_connection_held
+from loadgen import join_all
+from pgutil import only_connection_held, seed_users
 
 from service import db
 
@@ -46,17 +47,6 @@ def assert_retry_later(response, code: str) -> None:
 def stored_users(admin) -> list[tuple]:
     admin.execute("SELECT id, name, email FROM users ORDER BY id")
     return admin.fetchall()
-
-
-def insert_users(admin, count: int) -> list[int]:
-    """`count` users, oldest first; returns their ids in insertion order."""
-    admin.execute(
-        "INSERT INTO users (name, email)"
-        " SELECT 'user ' || g, 'user' || g || '@example.com' FROM generate_series(1, %s) g"
-        " RETURNING id",
-        (count,),
-    )
-    return sorted(row[0] for row in admin.fetchall())
 
 
 def create(client, name="Ada Lovelace", email="ada@example.com") -> dict:
@@ -130,7 +120,7 @@ def test_racing_creates_of_one_email_store_one_row(app, admin):
         return app.test_client().post("/users", json={"name": "Ada", "email": "ada@example.com"})
 
     racers = [gevent.spawn(post) for _ in range(10)]
-    gevent.joinall(racers, raise_error=True)
+    join_all(racers, 30, "the greenlets")
     statuses = sorted(racer.value.status_code for racer in racers)
     assert statuses == [201] + [409] * 9
     assert len(stored_users(admin)) == 1
@@ -411,7 +401,7 @@ def test_an_empty_list_has_no_next_cursor(client):
 
 
 def test_list_is_newest_first_fifty_by_default(client, admin):
-    ids = insert_users(admin, 51)
+    ids = seed_users(admin, 51)
     page = client.get("/users").get_json()
     assert [user["id"] for user in page["users"]] == ids[::-1][:50]
     assert set(page["users"][0]) == {"id", "name", "email", "created_at"}
@@ -421,7 +411,7 @@ def test_list_is_newest_first_fifty_by_default(client, admin):
 
 
 def test_limits_from_1_to_500_are_honoured(client, admin, subtests):
-    ids = insert_users(admin, 501)
+    ids = seed_users(admin, 501)
     for limit in (1, 7, 500):
         with subtests.test(limit=limit):
             page = client.get("/users", query_string={"limit": limit}).get_json()
@@ -430,7 +420,7 @@ def test_limits_from_1_to_500_are_honoured(client, admin, subtests):
 
 
 def test_a_full_last_page_has_no_next_cursor(client, admin):
-    insert_users(admin, 7)
+    seed_users(admin, 7)
     page = client.get("/users?limit=7").get_json()
     assert len(page["users"]) == 7
     assert page["next_cursor"] is None
@@ -476,7 +466,7 @@ def test_a_bad_cursor_gives_400(client, subtests):
 
 
 def test_a_tampered_cursor_gives_400(client, admin):
-    insert_users(admin, 3)
+    seed_users(admin, 3)
     cursor = client.get("/users?limit=1").get_json()["next_cursor"]
     tampered_ones = ("A" + cursor, cursor + "A", cursor[::-1], cursor[:3] + "~" + cursor[3:])
     for tampered in tampered_ones:
@@ -485,7 +475,7 @@ def test_a_tampered_cursor_gives_400(client, admin):
 
 
 def test_walking_pages_while_users_arrive_shows_each_user_once(client, admin):
-    existing = insert_users(admin, 40)
+    existing = seed_users(admin, 40)
     seen, arrived, sizes = [], [], []
     cursor = None
     while True:
@@ -503,7 +493,7 @@ def test_walking_pages_while_users_arrive_shows_each_user_once(client, admin):
 
 
 def test_a_page_continues_after_its_last_user_is_deleted(client, admin):
-    ids = insert_users(admin, 5)
+    ids = seed_users(admin, 5)
     first = client.get("/users?limit=2").get_json()
     client.delete(f"/users/{first['users'][-1]['id']}")
     rest = client.get("/users", query_string={"cursor": first["next_cursor"]}).get_json()

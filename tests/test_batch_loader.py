@@ -11,8 +11,8 @@ import time
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
-from gunicorn_proc import access_lines
-from pgutil import users_locked
+from gunicorn_proc import access_lines, wait_until
+from pgutil import seed_users, users_locked
 from prometheus_client import REGISTRY
 
 from service import db
@@ -23,24 +23,8 @@ from service.db.batch import BatchLoader
 USERS = 30
 
 
-def seed(admin, n: int = USERS) -> dict[int, str]:
-    admin.execute(
-        "INSERT INTO users (name, email) SELECT 'user ' || i, 'u' || i || '@example.com'"
-        " FROM generate_series(1, %s) AS i RETURNING id, email",
-        (n,),
-    )
-    return dict(admin.fetchall())
-
-
 def counted(name: str) -> float:
     return REGISTRY.get_sample_value(f"{name}_total") or 0.0
-
-
-def wait_for(check, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        gevent.sleep(0.005)
 
 
 def lookups(
@@ -99,7 +83,7 @@ def lookups(
 def first_query(shared: BatchLoader, fetched: list, key) -> gevent.Greenlet:
     """A lookup of `key` whose query is running: the lookups' one turn is taken."""
     first = gevent.spawn(shared.get, key)
-    wait_for(lambda: fetched, "the first query")
+    wait_until(lambda: fetched, 5, "the first query")
     return first
 
 
@@ -107,34 +91,36 @@ def follower_in(shared: BatchLoader, key) -> gevent.Greenlet:
     """A lookup of `key` that joined the batch waiting for the turn."""
     before = shared.waiting
     follower = gevent.spawn(shared.get, key)
-    wait_for(lambda: shared.waiting == before + 1, "the follower to join")
+    wait_until(lambda: shared.waiting == before + 1, 5, "the follower to join")
     return follower
 
 
 def batch_behind(shared: BatchLoader, key) -> gevent.Greenlet:
     """A lookup of `key` waiting for the turn, while later lookups join its batch."""
     sender = gevent.spawn(shared.get, key)
-    wait_for(lambda: shared.waiting == 1, "the sender to collect")
+    wait_until(lambda: shared.waiting == 1, 5, "the sender to collect")
     return sender
 
 
 def test_lookups_arriving_while_a_query_runs_share_the_next_one(make_app, admin, database_url):
-    emails = seed(admin)
-    ids = list(emails)
+    ids = seed_users(admin, USERS)
     app = make_app(DB_POOL_MAX=5)
     client = app.test_client()
     lookups_before, queries_before = counted("db_lookups"), counted("db_lookup_queries")
 
     with users_locked(database_url):
         first = gevent.spawn(client.get, f"/users/{ids[0]}")
-        wait_for(lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, "the first query")
+        wait_until(
+            lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, 5, "the first query"
+        )
         rest = [gevent.spawn(client.get, f"/users/{uid}") for uid in ids[1:]]
-        wait_for(lambda: app.extensions[users.LOADER].waiting == USERS - 1, "them all")
+        wait_until(lambda: app.extensions[users.LOADER].waiting == USERS - 1, 5, "them all")
     gevent.joinall([first, *rest], timeout=10, raise_error=True)
 
     answers = [g.value for g in (first, *rest)]
     assert [r.status_code for r in answers] == [200] * USERS
-    assert [(r.json["id"], r.json["email"]) for r in answers] == list(emails.items())
+    seeded = [(uid, f"user{n}@example.com") for n, uid in enumerate(ids, 1)]
+    assert [(r.json["id"], r.json["email"]) for r in answers] == seeded
     # The first went alone at once; the other 29 waited for it, together, and went as one.
     assert counted("db_lookups") - lookups_before == USERS
     assert counted("db_lookup_queries") - queries_before == 2
@@ -142,10 +128,9 @@ def test_lookups_arriving_while_a_query_runs_share_the_next_one(make_app, admin,
 
 
 def test_a_lookup_alone_goes_at_once_and_a_missing_user_is_404(client, admin):
-    emails = seed(admin, 1)
-    [uid] = emails
+    [uid] = seed_users(admin, 1)
     queries_before = counted("db_lookup_queries")
-    assert client.get(f"/users/{uid}").json["email"] == emails[uid]
+    assert client.get(f"/users/{uid}").json["email"] == "user1@example.com"
     assert client.get(f"/users/{uid + 1}").status_code == 404
     assert counted("db_lookup_queries") - queries_before == 2
 
@@ -153,7 +138,7 @@ def test_a_lookup_alone_goes_at_once_and_a_missing_user_is_404(client, admin):
 def test_a_lookup_never_joins_a_query_already_sent(make_pool, admin):
     """A lookup asked after a write committed sees it, though a query sent before the write
     (which cannot see it) is still running: the lookup goes in a query of its own, later."""
-    [uid] = seed(admin, 1)
+    [uid] = seed_users(admin, 1)
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
     before = first_query(shared, fetched, uid)
@@ -161,7 +146,7 @@ def test_a_lookup_never_joins_a_query_already_sent(make_pool, admin):
     admin.execute("UPDATE users SET email = 'new@example.com' WHERE id = %s", (uid,))
     after = shared.get(uid)
 
-    assert before.get(timeout=5) == "u1@example.com"
+    assert before.get(timeout=5) == "user1@example.com"
     assert after == "new@example.com"
     assert fetched == [[uid], [uid]]
 
@@ -171,7 +156,7 @@ def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool,
     follower's own deadline passes, the sender woken first. gevent (26.9) loses a greenlet that
     waits on an Event already set but whose waiters are not yet woken, when the last of those
     then leaves by its timeout: here all but one of the followers waited for ever."""
-    ids = list(seed(admin, 6))
+    ids = seed_users(admin, 6)
     fetched, budgets, deadlines, rows_at, woken = [], {}, {}, [], []
     stall = get_original("time", "sleep")  # blocks the whole worker, as a busy worker does
 
@@ -197,14 +182,14 @@ def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool,
     for follower in followers:
         budgets[follower] = 2.0
         follower.start()
-    wait_for(lambda: shared.waiting == len(ids) - 1, "the followers to join")
+    wait_until(lambda: shared.waiting == len(ids) - 1, 5, "the followers to join")
     gevent.joinall([first, sender, *followers], timeout=8)
 
     # The case meant: the sender's timer was due before any follower's deadline, and it woke
     # after the last of them had passed.
     assert rows_at[0] + 0.001 < min(deadlines[g] for g in followers)
     assert woken[0] > max(deadlines[g] for g in followers)
-    emails = [f"u{i}@example.com" for i in range(1, 7)]
+    emails = [f"user{i}@example.com" for i in range(1, 7)]
     assert [g.value for g in (first, sender, *followers)] == emails
     assert fetched == [ids[:1], ids[1:]]
     assert shared.waiting == 0
@@ -215,7 +200,7 @@ def test_lookups_wait_for_a_sent_query_no_longer_than_the_answer_timeout(make_po
     `answer_timeout()` from then (its own time for a connection ended earlier) and gets
     DatabaseUnavailable; the sender its row later. A sender lost for good costs its
     followers a 503, never a wait without end."""
-    ids = list(seed(admin, 4))
+    ids = seed_users(admin, 4)
     fetched, budgets, sent = [], {}, []
 
     def late(n):
@@ -241,27 +226,27 @@ def test_lookups_wait_for_a_sent_query_no_longer_than_the_answer_timeout(make_po
     assert all(isinstance(g.exception, DatabaseUnavailable) for g in followers)
     assert 1.4 <= left - sent[0] < 2.1  # 1.5 s from the send, not their own time + 1.5 s
     assert not sender.ready()
-    assert sender.get(timeout=8) == "u2@example.com"
-    assert first.get(timeout=5) == "u1@example.com"
+    assert sender.get(timeout=8) == "user2@example.com"
+    assert first.get(timeout=5) == "user1@example.com"
     assert shared.waiting == 0
 
 
 def test_a_batch_is_sent_once_it_holds_max_keys(make_pool, admin):
-    ids = list(seed(admin, 8))
+    ids = seed_users(admin, 8)
     fetched = []
     shared = lookups(make_pool(), fetched, max_keys=3, sleep_s=0.3)
     first = first_query(shared, fetched, ids[0])
     rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
     gevent.joinall([first, *rest], timeout=10, raise_error=True)
 
-    assert [g.value for g in (first, *rest)] == [f"u{i}@example.com" for i in range(1, 9)]
+    assert [g.value for g in (first, *rest)] == [f"user{i}@example.com" for i in range(1, 9)]
     assert fetched == [ids[:1], ids[1:4], ids[4:7], ids[7:]]
 
 
 def test_a_lookup_leaves_a_batch_when_its_own_wait_runs_out(make_pool, admin):
     """A later lookup may have less time left than the one that will send the query (it
     was given a shorter deadline): it gives up at its own deadline."""
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     fetched, budgets, told = [], {}, []
     shared = lookups(make_pool(), fetched, sleep_s=1.0, budgets=budgets, told=told)
     first = first_query(shared, fetched, ids[0])
@@ -274,21 +259,21 @@ def test_a_lookup_leaves_a_batch_when_its_own_wait_runs_out(make_pool, admin):
     assert not first.ready()  # it left while the query before its own still ran
     assert shared.waiting == 1
     gevent.joinall([first, sender], timeout=10, raise_error=True)
-    assert (first.value, sender.value) == ("u1@example.com", "u2@example.com")
+    assert (first.value, sender.value) == ("user1@example.com", "user2@example.com")
     assert len(fetched) == 2
     assert told == [1, 1]  # the second query was not sent for the lookup that left
     assert shared.waiting == 0
 
 
 def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
-    ids = list(seed(admin, 4))
+    ids = seed_users(admin, 4)
     fetched, failing = [], [DatabaseUnavailable("the server went away")]
     shared = lookups(make_pool(), fetched, sleep_s=0.3, failing=failing)
     first = first_query(shared, fetched, ids[0])
     rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
     gevent.joinall([first, *rest], timeout=10)
 
-    assert first.value == "u1@example.com"
+    assert first.value == "user1@example.com"
     errors = [g.exception for g in rest]
     assert [(type(e), e.args) for e in errors] == [(DatabaseUnavailable, failing[0].args)] * 3
     # Each its own copy, tied to the query's: tracebacks do not pile up on one exception.
@@ -296,40 +281,40 @@ def test_a_failed_query_fails_every_lookup_it_was_sent_for(make_pool, admin):
     assert fetched == [ids[:1], ids[1:]]
     assert shared.waiting == 0
     failing.clear()
-    assert shared.get(ids[1]) == "u2@example.com"  # and the next lookup goes as usual
+    assert shared.get(ids[1]) == "user2@example.com"  # and the next lookup goes as usual
 
 
 def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
     """The lookup that was to send the query is killed before its turn: the others go on."""
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
     first = first_query(shared, fetched, ids[0])
     sender = batch_behind(shared, ids[1])
     follower = follower_in(shared, ids[2])
     sender.kill(timeout=5)
-    wait_for(lambda: shared.waiting == 1, "the follower, in a batch of its own now")
+    wait_until(lambda: shared.waiting == 1, 5, "the follower, in a batch of its own now")
 
-    assert follower.get(timeout=5) == "u3@example.com"
-    assert first.get(timeout=5) == "u1@example.com"
+    assert follower.get(timeout=5) == "user3@example.com"
+    assert first.get(timeout=5) == "user1@example.com"
     assert fetched == [ids[:1], ids[2:]]
     assert shared.waiting == 0
 
 
 def test_when_the_sender_runs_out_of_time_the_others_go_on_with_theirs(make_pool, admin):
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=0.6, budgets=budgets)
     first = first_query(shared, fetched, ids[0])
     sender = gevent.spawn(shared.get, ids[1])
     budgets[sender] = 0.2  # a deadline shorter than the others'
-    wait_for(lambda: shared.waiting == 1, "the sender to collect")
+    wait_until(lambda: shared.waiting == 1, 5, "the sender to collect")
     follower = gevent.spawn(shared.get, ids[2])
     sender.join(timeout=5)
 
     assert isinstance(sender.exception, TimeoutError)
     assert not first.ready() and not follower.ready()
-    assert follower.get(timeout=5) == "u3@example.com"
+    assert follower.get(timeout=5) == "user3@example.com"
     assert fetched == [ids[:1], ids[2:]]
     assert shared.waiting == 0
 
@@ -337,7 +322,7 @@ def test_when_the_sender_runs_out_of_time_the_others_go_on_with_theirs(make_pool
 def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(make_pool, admin):
     """Its turn came, but the pool's one connection is taken: until the query holds it, the
     lookups in it wait for a connection, each no longer than its own time."""
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     pool = make_pool(max_size=1)
     fetched, budgets = [], {}
     shared = lookups(pool, fetched, sleep_s=0.3, budgets=budgets)
@@ -360,14 +345,14 @@ def test_a_lookup_leaves_at_its_deadline_while_its_query_waits_for_a_connection(
     assert first.ready() and not sender.ready()  # the turn came; the connection did not
     assert (shared.waiting, pool.waiting) == (0, 1)  # the sender, counted once, by the pool
     released.set()
-    assert sender.get(timeout=5) == "u2@example.com"
+    assert sender.get(timeout=5) == "user2@example.com"
     holder.join(timeout=5)
     assert shared.waiting == 0
 
 
 def test_a_key_asked_twice_answers_each_asker_its_own_row(make_pool, admin):
     """A lookup that leaves takes out nothing that another lookup of the same key needs."""
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     fetched, budgets = [], {}
     shared = lookups(make_pool(), fetched, sleep_s=0.5, budgets=budgets)
     first = first_query(shared, fetched, ids[0])
@@ -378,12 +363,12 @@ def test_a_key_asked_twice_answers_each_asker_its_own_row(make_pool, admin):
     gevent.joinall([first, sender, other, same], timeout=10)
 
     assert isinstance(same.exception, TimeoutError)
-    assert (sender.value, other.value) == ("u2@example.com", "u3@example.com")
+    assert (sender.value, other.value) == ("user2@example.com", "user3@example.com")
     assert shared.waiting == 0
 
 
 def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
-    ids = list(seed(admin, 3))
+    ids = seed_users(admin, 3)
     fetched = []
     shared = lookups(make_pool(), fetched, sleep_s=0.5)
     first = first_query(shared, fetched, ids[0])
@@ -399,13 +384,15 @@ def test_a_killed_lookup_stops_counting_at_once(make_pool, admin):
 def test_a_lookup_with_no_turn_in_time_gets_503_and_logs_its_wait(
     make_app, admin, database_url, log_lines
 ):
-    [uid] = seed(admin, 1)
+    [uid] = seed_users(admin, 1)
     app = make_app(DB_POOL_MAX=5, DB_POOL_TIMEOUT=0.4, DB_STATEMENT_TIMEOUT_MS=3000)
     client = app.test_client()
     timeouts_before = counted("db_pool_timeouts")
     with users_locked(database_url):
         held = gevent.spawn(client.get, f"/users/{uid}")
-        wait_for(lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, "the first query")
+        wait_until(
+            lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, 5, "the first query"
+        )
         started = time.monotonic()
         late = client.get(f"/users/{uid}", headers={"X-Request-ID": "late"})
         waited = time.monotonic() - started

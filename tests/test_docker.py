@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from gunicorn_proc import HOST, call, free_port, wait_until
+from gunicorn_proc import HOST, free_port, request, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -194,7 +194,7 @@ def serves(proc: subprocess.Popen, port: int, log_path: Path) -> bool:
     if proc.poll() is not None:
         raise AssertionError(f"exited with {proc.returncode}:\n{log_path.read_text()}")
     try:
-        return call(port, "GET", "/healthz", timeout=2)[0] == 200
+        return request(port, "GET", "/healthz", timeout=2).status == 200
     except OSError:
         return False
 

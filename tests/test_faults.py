@@ -7,7 +7,6 @@ in `figures`; at the end of the module they are written to pytest's cache
 (`.pytest_cache/v/reliability/faults`) and summarised, and docs/reliability.md cites them.
 """
 
-import http.client
 import json
 import os
 import signal
@@ -19,11 +18,18 @@ from contextlib import contextmanager, nullcontext
 import gevent
 import psycopg2.extensions
 import pytest
-from gunicorn_proc import HOST, Gunicorn, wait_until
+from gunicorn_proc import HOST, Gunicorn, children, metric, request, socket_ports, wait_until
 from loadgen import Load, Outcome, burst, connected, get, latency, statuses, storm
-from pgutil import autocommit, users_locked
+from pgutil import (
+    APP_NAME,
+    autocommit,
+    backend_starts,
+    backends,
+    seed_users,
+    users_locked,
+    waiting_on_lock,
+)
 from tcpproxy import TcpProxy
-from test_e2e import children, metric, socket_ports
 
 from deploy.localpg import LocalPostgres
 from service.db import schema
@@ -45,7 +51,6 @@ ENV = {
     "DB_POOL_MIN": str(POOL_MAX),  # opened at start: no connect is timed in a storm
     "WORKER_CONNECTIONS": "1500",  # the storm's 2,000 connections fit in two workers
 }
-APP_NAME = "service"
 USER = "/users/1"  # the one user of each test database
 # A page of users: one statement per request, on a connection of its own.
 ONE_EACH = "/users?limit=1"
@@ -66,20 +71,17 @@ def assert_unavailable(outcomes: list[Outcome]) -> None:
 # --- PostgreSQL, as the tests see it ------------------------------------------------------------
 
 
-def backends(dsn: str) -> list[dict]:
-    """The service's server connections to the test database."""
+def service_backends(dsn: str) -> list[dict]:
+    """The service's server connections to the test database, seen on a connection opened for
+    the purpose (the tests restart the server) and closed at once."""
     with autocommit(dsn) as cur:
-        cur.execute(
-            "SELECT pid, client_port, state, wait_event_type, backend_start"
-            " FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
-            (APP_NAME,),
-        )
-        names = [column.name for column in cur.description]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        return backends(cur, APP_NAME)
 
 
 def on_lock(dsn: str) -> int:
-    return sum(b["wait_event_type"] == "Lock" for b in backends(dsn))
+    """How many of the service's server connections wait on a lock, seen the same way."""
+    with autocommit(dsn) as cur:
+        return waiting_on_lock(cur, APP_NAME)
 
 
 def accepting(dsn: str) -> bool:
@@ -95,14 +97,8 @@ def pools(port: int, probes: int = 20) -> list[dict | None]:
     answer some."""
     answers = []
     for _ in range(probes):
-        conn = http.client.HTTPConnection(HOST, port, timeout=10)
-        try:
-            conn.request("GET", "/readyz")
-            response = conn.getresponse()
-            body = json.loads(response.read())
-        finally:
-            conn.close()
-        answers.append(body["pool"] if response.status == 200 else None)
+        reply = request(port, "GET", "/readyz", timeout=10)
+        answers.append(reply.json["pool"] if reply.status == 200 else None)
     return answers
 
 
@@ -115,7 +111,7 @@ def pools_whole(port: int, dsn: str) -> bool:
         and pool["idle"] == pool["size"] <= POOL_MAX
         for pool in pools(port)
     )
-    server_side = backends(dsn)
+    server_side = service_backends(dsn)
     return (
         whole
         and len(server_side) <= WORKERS * POOL_MAX
@@ -160,7 +156,7 @@ def database(pg: LocalPostgres, name: str) -> str:
     dsn = pg.create_database(name)
     schema.migrate(dsn, connect_timeout=5)
     with autocommit(dsn) as cur:
-        cur.execute("INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com')")
+        seed_users(cur, 1)
     return dsn
 
 
@@ -210,11 +206,11 @@ def own_service(pg, name: str, tmp_path, **env):
 
 def test_idle_connections_terminated_by_the_server_are_replaced_unnoticed(service, dsn, figures):
     assert statuses(burst(service.port, USER, 40, 16)) == {"200": 40}
-    killed = [b["pid"] for b in backends(dsn)]
+    killed = [b["pid"] for b in service_backends(dsn)]
     assert killed
     with autocommit(dsn) as cur:
         cur.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid", (killed,))
-    wait_until(lambda: not {b["pid"] for b in backends(dsn)} & set(killed), 5, "the kills")
+    wait_until(lambda: not {b["pid"] for b in service_backends(dsn)} & set(killed), 5, "the kills")
 
     outcomes = burst(service.port, USER, 40, 16)
 
@@ -224,7 +220,7 @@ def test_idle_connections_terminated_by_the_server_are_replaced_unnoticed(servic
 
 def test_a_server_restart_while_the_pools_are_idle_goes_unnoticed(service, pg, dsn, figures):
     assert statuses(burst(service.port, USER, 40, 16)) == {"200": 40}
-    before = {b["pid"] for b in backends(dsn)}
+    before = {b["pid"] for b in service_backends(dsn)}
     assert before
 
     pg.halt("fast")
@@ -232,7 +228,7 @@ def test_a_server_restart_while_the_pools_are_idle_goes_unnoticed(service, pg, d
     outcomes = burst(service.port, USER, 40, 16)
 
     assert statuses(outcomes) == {"200": 40}
-    assert not {b["pid"] for b in backends(dsn)} & before
+    assert not {b["pid"] for b in service_backends(dsn)} & before
     figures["1b_restart_idle"] = {"connections": len(before), "statuses": statuses(outcomes)}
 
 
@@ -246,7 +242,7 @@ def test_a_cut_network_costs_each_dead_connection_one_503_then_requests_succeed(
     (database_unavailable); requests queued behind them may time out (pool_timeout). Then new
     connections serve every request."""
     assert statuses(burst(proxied_service.port, ONE_EACH, 40, 16)) == {"200": 40}
-    dead = len(backends(proxied_dsn))
+    dead = len(service_backends(proxied_dsn))
     proxy.cut()  # every open link goes silent; new connections get through
     cut = time.monotonic()
 
@@ -567,13 +563,7 @@ def test_old_connections_are_replaced_with_jitter_and_no_failed_request(pg, tmp_
             sampling_from = cur.fetchone()[0]
             deadline = time.monotonic() + 3 * lifetime
             while time.monotonic() < deadline:
-                cur.execute(
-                    "SELECT pid, extract(epoch FROM backend_start)::float8,"
-                    " extract(epoch FROM now())::float8 FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND application_name = %s",
-                    (APP_NAME,),
-                )
-                rows = cur.fetchall()
+                rows = backend_starts(cur, APP_NAME)
                 # Read after that statement's snapshot: a backend missing from it was gone by now.
                 cur.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
                 sampled = cur.fetchone()[0]
@@ -646,12 +636,14 @@ def test_a_killed_worker_is_replaced_and_its_connections_go_at_once(service, dsn
     workers = children(master)
     victim = min(workers)
     its_ports = socket_ports(victim)
-    its_backends = {b["pid"] for b in backends(dsn) if b["client_port"] in its_ports}
+    its_backends = {b["pid"] for b in service_backends(dsn) if b["client_port"] in its_ports}
     assert its_backends
 
     os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: not its_backends & {b["pid"] for b in backends(dsn)}, 10, "them to go")
+    wait_until(
+        lambda: not its_backends & {b["pid"] for b in service_backends(dsn)}, 10, "them to go"
+    )
     gone_s = time.monotonic() - killed
     wait_until(lambda: len(children(master) - workers) == 1, 15, "a new worker")
     wait_until(lambda: len(service.log_lines("pool open")) > WORKERS, 15, "its pool to open")
@@ -680,7 +672,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_leaves_no_connect
             signalled = time.monotonic()
             code = gunicorn.proc.wait(timeout=40)
             exited_s = time.monotonic() - signalled
-        wait_until(lambda: not backends(dsn), 5, "the server connections to close")
+        wait_until(lambda: not service_backends(dsn), 5, "the server connections to close")
         closed_s = time.monotonic() - signalled
 
     answered = [o for o in load.outcomes if o.status is not None]

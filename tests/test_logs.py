@@ -4,7 +4,6 @@ The first tests capture the app's log in-process through `JsonFormatter`; the la
 production command with a password in DATABASE_URL and read everything it writes.
 """
 
-import http.client
 import json
 import logging
 import re
@@ -15,8 +14,8 @@ import gevent
 import psycopg2
 import psycopg2.extensions
 import pytest
-from gunicorn_proc import HOST, Gunicorn, access_lines, free_port, wait_until
-from pgutil import users_locked
+from gunicorn_proc import HOST, Gunicorn, access_lines, free_port, request, wait_until
+from pgutil import APP_NAME, seed_users, users_locked, waiting_on_lock
 
 from service import db
 from service.app import create_app
@@ -28,18 +27,13 @@ GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 USER_ROUTE = "/users/<user_id>"
 
 
-def seed_user(cur) -> int:
-    cur.execute("INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id")
-    return cur.fetchone()[0]
-
-
 def parse_time(text: str) -> datetime:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def test_each_request_writes_one_access_line_with_its_fields(client, admin, log_lines):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     response = client.get(f"/users/{user}?x=1", headers={"X-Request-ID": "req-1"})
     client.get("/healthz", headers={"X-Request-ID": "req-2"})
 
@@ -115,7 +109,7 @@ def test_error_responses_echo_the_request_id_too(client, make_settings, log_line
 def test_the_leak_warning_names_the_request_holding_the_connection(
     make_settings, admin, database_url, log_lines
 ):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     app = create_app(make_settings(DB_POOL_LEAK_WARN_S=0.05))
     db.open_pool(app)
     try:
@@ -140,7 +134,7 @@ def test_the_leak_warning_names_the_request_holding_the_connection(
 def test_pool_wait_ms_is_the_time_the_request_waited_for_a_connection(
     make_settings, admin, log_lines
 ):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     app = create_app(make_settings(DB_POOL_MAX=1))
     pool = db.open_pool(app)
     held_s = 0.1
@@ -184,7 +178,7 @@ class BrokenStdout:
 def test_a_broken_stdout_loses_the_access_line_not_the_request(
     client, admin, log_lines, monkeypatch
 ):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     with monkeypatch.context() as patch:
         patch.setattr(sys, "stdout", BrokenStdout())
         response = client.get(f"/users/{user}", headers={"X-Request-ID": "lost"})
@@ -258,17 +252,6 @@ def server(password_url, tmp_path_factory):
         yield gunicorn
 
 
-def fetch(port: int, method: str, path: str, request_id: str | None = None):
-    """(status, headers, body) of one request on a fresh connection."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=30)
-    try:
-        conn.request(method, path, headers={"X-Request-ID": request_id} if request_id else {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
 def log_objects(gunicorn: Gunicorn) -> list[dict]:
     lines = gunicorn.log.splitlines()
     assert lines
@@ -282,24 +265,25 @@ def log_objects(gunicorn: Gunicorn) -> list[dict]:
 
 
 def test_gunicorn_writes_json_lines_only_one_access_line_per_request(server):
+    port = server.port
     exchanges = {
-        "e2e-ok": fetch(server.port, "GET", "/healthz", "e2e-ok"),
-        "e2e-404": fetch(server.port, "GET", "/no/such/route", "e2e-404"),
-        "e2e-405": fetch(server.port, "DELETE", "/users", "e2e-405"),
+        "e2e-ok": request(port, "GET", "/healthz", headers={"X-Request-ID": "e2e-ok"}),
+        "e2e-404": request(port, "GET", "/no/such/route", headers={"X-Request-ID": "e2e-404"}),
+        "e2e-405": request(port, "DELETE", "/users", headers={"X-Request-ID": "e2e-405"}),
     }
-    _, unsafe, _ = fetch(server.port, "GET", "/healthz", "not safe!")
+    unsafe = request(port, "GET", "/healthz", headers={"X-Request-ID": "not safe!"}).headers
 
     lines = log_objects(server)
     assert all(line.keys() >= FIELDS for line in lines)
     gunicorns = [line for line in lines if line["logger"] == "gunicorn.error"]
     assert any(line["message"].startswith("Booting worker") for line in gunicorns)
     assert all(line["request_id"] is None for line in gunicorns)
-    for request_id, (status, headers, _) in exchanges.items():
-        assert headers["X-Request-ID"] == request_id
+    for request_id, reply in exchanges.items():
+        assert reply.headers["X-Request-ID"] == request_id
         [line] = access_lines(lines, request_id)
-        assert line["status"] == status
+        assert line["status"] == reply.status
         assert line["remote_addr"] == HOST
-    assert [status for status, _, _ in exchanges.values()] == [200, 404, 405]
+    assert [reply.status for reply in exchanges.values()] == [200, 404, 405]
     assert GENERATED_ID.fullmatch(unsafe["X-Request-ID"])
     assert len(access_lines(lines, unsafe["X-Request-ID"])) == 1
 
@@ -307,17 +291,20 @@ def test_gunicorn_writes_json_lines_only_one_access_line_per_request(server):
 def test_503s_carry_their_request_id_and_the_password_appears_nowhere(
     server, admin, database_url, password_url
 ):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
+    port, path = server.port, f"/users/{user}"
     with users_locked(database_url):
-        held = gevent.spawn(fetch, server.port, "GET", f"/users/{user}", "held")
-        wait_until(lambda: backends_on_lock(admin) == 1, 10, "the request to wait on the lock")
-        late = fetch(server.port, "GET", f"/users/{user}", "late")  # no connection is free
+        held = gevent.spawn(request, port, "GET", path, headers={"X-Request-ID": "held"})
+        wait_until(
+            lambda: waiting_on_lock(admin, APP_NAME) == 1, 10, "the request to wait on the lock"
+        )
+        late = request(port, "GET", path, headers={"X-Request-ID": "late"})  # no connection free
         held = held.get(timeout=10)  # the statement timeout cancels it
     exchanges = [held, late] + [
-        fetch(server.port, "GET", path) for path in ("/readyz", "/metrics", "/openapi.json")
+        request(port, "GET", other) for other in ("/readyz", "/metrics", "/openapi.json")
     ]
 
-    assert [held[0], late[0]] == [503, 503]
+    assert [held.status, late.status] == [503, 503]
     lines = log_objects(server)
     warnings = {line["request_id"]: line for line in lines if line["level"] == "WARNING"}
     assert "statement_timeout" in warnings["held"]["message"]
@@ -328,16 +315,9 @@ def test_503s_carry_their_request_id_and_the_password_appears_nowhere(
 
     password = password_url[1]
     assert password not in server.log
-    for status, headers, body in exchanges:
-        assert password not in f"{status} {headers}" and password.encode() not in body
-
-
-def backends_on_lock(cur) -> int:
-    cur.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'service' AND wait_event_type = 'Lock'"
-    )
-    return cur.fetchone()[0]
+    for reply in exchanges:
+        assert password not in f"{reply.status} {reply.headers}"
+        assert password.encode() not in reply.body
 
 
 @pytest.mark.parametrize(("proxies", "seen"), [("1", "203.0.113.9"), ("0", HOST)])
@@ -347,18 +327,10 @@ def test_behind_a_trusted_proxy_the_access_line_names_the_client(
     """With TRUSTED_PROXIES=1 gunicorn serves the app wrapped in werkzeug's ProxyFix: the
     requests still reach their pool, and the access line takes the client's address from the
     proxy's X-Forwarded-For. Without it, a client cannot choose its own address."""
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     env = {"WEB_CONCURRENCY": "1", "DB_POOL_MAX": "1", "TRUSTED_PROXIES": proxies}
     with Gunicorn(database_url, tmp_path / "gunicorn.log", **env) as gunicorn:
-        conn = http.client.HTTPConnection(HOST, gunicorn.port, timeout=30)
-        try:
-            conn.request(
-                "GET",
-                f"/users/{user}",
-                headers={"X-Request-ID": "proxied", "X-Forwarded-For": "203.0.113.9"},
-            )
-            assert conn.getresponse().status == 200
-        finally:
-            conn.close()
+        headers = {"X-Request-ID": "proxied", "X-Forwarded-For": "203.0.113.9"}
+        assert request(gunicorn.port, "GET", f"/users/{user}", headers=headers).status == 200
         [line] = access_lines(log_objects(gunicorn), "proxied")
     assert line["remote_addr"] == seen

@@ -6,7 +6,6 @@ registry is global, so they compare before and after); the last ones run the pro
 command with two workers, where only the multiprocess files can add the workers up.
 """
 
-import http.client
 import json
 import os
 import signal
@@ -14,9 +13,17 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gunicorn_proc import HOST, Gunicorn, free_port, wait_until
+from gunicorn_proc import (
+    HOST,
+    Gunicorn,
+    free_port,
+    parse_metrics,
+    request,
+    scrape_metrics,
+    wait_until,
+)
+from pgutil import backends, seed_users
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from service import db
 from service.app import create_app
@@ -24,15 +31,6 @@ from service.db import DatabaseUnavailable, PoolTimeout
 from service.observability import metrics
 
 USER_ROUTE = "/users/<user_id>"
-
-
-def parse(text: str) -> dict[tuple[str, frozenset], float]:
-    """Every sample of a /metrics page, by name and labels."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -43,16 +41,11 @@ def scrape(client) -> dict:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.content_type.startswith("text/plain; version=")
-    return parse(response.get_data(as_text=True))
-
-
-def seed_user(cur) -> int:
-    cur.execute("INSERT INTO users (name, email) VALUES ('Ada', 'ada@example.com') RETURNING id")
-    return cur.fetchone()[0]
+    return parse_metrics(response.get_data(as_text=True))
 
 
 def test_requests_are_counted_by_route_and_status_never_by_raw_path(client, admin):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     before = scrape(client)
     answers = [
         client.get(f"/users/{user}").status_code,
@@ -81,7 +74,7 @@ def test_requests_are_counted_by_route_and_status_never_by_raw_path(client, admi
 
 
 def test_each_checkout_is_counted_with_its_wait(client, admin):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     before = scrape(client)
     for _ in range(5):
         assert client.get(f"/users/{user}").status_code == 200
@@ -118,7 +111,7 @@ def test_the_pool_gauges_follow_lends_returns_waiters_and_close(make_pool):
 
 
 def test_a_pool_timeout_is_counted_and_answered_503(make_settings, admin):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     app = create_app(make_settings(DB_POOL_MAX=1, DB_POOL_TIMEOUT=0.05))
     pool = db.open_pool(app)
     try:
@@ -147,11 +140,7 @@ def test_discarded_connections_and_connect_errors_are_counted(make_pool, admin, 
     before = scrape(client)
     admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
 
-    def gone() -> bool:
-        admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,))
-        return admin.fetchone()[0] == 0
-
-    wait_until(gone, 5, "the backend to exit")
+    wait_until(lambda: backend not in {b["pid"] for b in backends(admin)}, 5, "the backend to exit")
     with pool.connection() as cur:  # the dead idle connection is discarded, a new one opened
         cur.execute("SELECT 1")
 
@@ -193,16 +182,6 @@ def server(database_url, tmp_path_factory):
         yield gunicorn
 
 
-def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def served_by(gunicorn: Gunicorn, route: str) -> list[int]:
     """The pid of the worker behind each access line for `route` so far."""
     lines = (json.loads(line) for line in gunicorn.log_lines('"service.access"'))
@@ -215,19 +194,13 @@ def served_by_request(gunicorn: Gunicorn, request_id: str) -> int:
     return next(line["pid"] for line in lines if line["logger"] == "service.access")
 
 
-def scrape_server(gunicorn: Gunicorn) -> dict:
-    status, body = get(gunicorn.port, "/metrics")
-    assert status == 200
-    return parse(body.decode())
-
-
 def test_metrics_add_up_every_workers_requests(server, admin):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     sent = 0
     # The kernel decides which worker accepts a connection: send bursts until both have served.
     for _ in range(20):
-        burst = [gevent.spawn(get, server.port, f"/users/{user}") for _ in range(20)]
-        assert [g.get(timeout=30)[0] for g in burst] == [200] * len(burst)
+        burst = [gevent.spawn(request, server.port, "GET", f"/users/{user}") for _ in range(20)]
+        assert [g.get(timeout=30).status for g in burst] == [200] * len(burst)
         sent += len(burst)
         if len(set(served_by(server, USER_ROUTE))) == WORKERS:
             break
@@ -239,11 +212,9 @@ def test_metrics_add_up_every_workers_requests(server, admin):
     reports = {}
     for round_ in range(20):
         ids = [f"scrape-{round_}-{i}" for i in range(8)]
-        scrapes = [gevent.spawn(get, server.port, "/metrics", {"X-Request-ID": i}) for i in ids]
+        scrapes = [gevent.spawn(scrape_metrics, server.port, {"X-Request-ID": i}) for i in ids]
         for request_id, scrape in zip(ids, scrapes, strict=True):
-            status, body = scrape.get(timeout=30)
-            assert status == 200
-            reports[served_by_request(server, request_id)] = parse(body.decode())
+            reports[served_by_request(server, request_id)] = scrape.get(timeout=30)
         if len(reports) == WORKERS:
             break
     assert len(reports) == WORKERS, "one worker served every scrape"
@@ -262,17 +233,17 @@ def test_metrics_add_up_every_workers_requests(server, admin):
 
 
 def test_a_dead_workers_gauges_leave_the_sums_and_its_counts_stay(server, admin):
-    user = seed_user(admin)
+    [user] = seed_users(admin, 1)
     for _ in range(3):
-        assert get(server.port, f"/users/{user}")[0] == 200
+        assert request(server.port, "GET", f"/users/{user}").status == 200
     ok = {"method": "GET", "route": USER_ROUTE, "status": "200"}
-    before = value(scrape_server(server), "http_requests_total", **ok)
+    before = value(scrape_metrics(server.port), "http_requests_total", **ok)
     victim = served_by(server, USER_ROUTE)[-1]
     opened = len(server.log_lines("pool open"))
 
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: len(server.log_lines("pool open")) > opened, 20, "a new worker's pool")
-    after = scrape_server(server)
+    after = scrape_metrics(server.port)
 
     assert value(after, "db_pool_max") == WORKERS * POOL_MAX  # not the dead worker's too
     assert value(after, "http_requests_total", **ok) == before
@@ -320,8 +291,8 @@ def test_a_given_metrics_dir_starts_from_zero_and_is_kept(database_url, tmp_path
         with Gunicorn(database_url, tmp_path / f"gunicorn{run}.log", **env) as gunicorn:
             assert metrics_dir(gunicorn) == given
             for _ in range(3):
-                assert get(gunicorn.port, "/openapi.json")[0] == 200
-            samples = scrape_server(gunicorn)
+                assert request(gunicorn.port, "GET", "/openapi.json").status == 200
+            samples = scrape_metrics(gunicorn.port)
             ok = {"method": "GET", "route": "/openapi.json", "status": "200"}
             counts.append(value(samples, "http_requests_total", **ok))
         assert list(given.glob("*.db")), "the files are the operator's to keep"

@@ -15,8 +15,6 @@ PgBouncer is a requirement of the suite (`.ci/run` installs it): without it thes
 they do not skip.
 """
 
-import http.client
-import json
 import time
 from collections import Counter
 from itertools import cycle
@@ -26,9 +24,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from gevent.event import Event
-from gunicorn_proc import HOST, Gunicorn, call, wait_until
+from gunicorn_proc import Gunicorn, request, wait_until
 from pgbouncer import PgBouncer
-from pgutil import Sampler, autocommit, fresh_database
+from pgutil import Sampler, autocommit, backends, fresh_database, seed_users
 from psycopg2 import sql
 
 from service.db import DatabaseUnavailable, Pool, StatementTimeout
@@ -97,15 +95,6 @@ def instances(bouncer, server_database, tmp_path_factory):
     assert codes == [0] * INSTANCES
 
 
-def server_backends(cur) -> int:
-    """Connections to this database on the real server, other than this one: PgBouncer's."""
-    cur.execute(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-    return cur.fetchone()[0]
-
-
 def test_migrations_run_once_through_pgbouncer_while_three_instances_start(
     instances, server_database
 ):
@@ -131,12 +120,7 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     instances, server_database
 ):
     with autocommit(server_database) as cur:
-        cur.execute(
-            "INSERT INTO users (name, email)"
-            " SELECT 'seed ' || i, 'seed' || i || '@example.com' FROM generate_series(1, 30) i"
-            " RETURNING id"
-        )
-        ids = [row[0] for row in cur.fetchall()]
+        ids = seed_users(cur, 30)
     requests = [
         ("GET", f"/users/{ids[i % len(ids)]}", None)
         if i % 2
@@ -145,9 +129,10 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     ]
     ports = cycle(gunicorn.port for gunicorn in instances)
     go, connected = Event(), []
-    with Sampler(server_database, server_backends) as sampler:
+    # The real server's connections to the database, other than the sampler's: PgBouncer's.
+    with Sampler(server_database, lambda cur: len(backends(cur))) as sampler:
         clients = [
-            gevent.spawn(call, next(ports), method, path, body, go=go, connected=connected)
+            gevent.spawn(request, next(ports), method, path, body, go=go, connected=connected)
             for method, path, body in requests
         ]
         wait_until(lambda: len(connected) == len(requests), 20, "300 open connections")
@@ -155,8 +140,8 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
         finished = gevent.joinall(clients, timeout=40)
     assert len(finished) == len(requests)
 
-    results = [client.get() for client in clients]
-    assert Counter(status for status, _ in results) == {200: 150, 201: 150}
+    replies = [client.get() for client in clients]
+    assert Counter(reply.status for reply in replies) == {200: 150, 201: 150}
     assert len(sampler.samples) >= 10, "the sampler barely ran"
     # 24 pooled connections wanted the server at once; PgBouncer lent them at most its 6 (how
     # many it opened depends on how quickly one-round-trip requests hand them back).
@@ -164,16 +149,6 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     with autocommit(server_database) as cur:
         cur.execute("SELECT count(*) FROM users")
         assert cur.fetchone()[0] == 30 + 150
-
-
-def get_with_headers(port: int, path: str) -> tuple[int, dict, dict]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read())
-    finally:
-        conn.close()
 
 
 def test_a_stalled_query_ends_at_the_statement_timeout_through_pgbouncer(
@@ -185,17 +160,17 @@ def test_a_stalled_query_ends_at_the_statement_timeout_through_pgbouncer(
         with locker.cursor() as cur:
             cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
-        status, headers, body = get_with_headers(port, "/users")
+        reply = request(port, "GET", "/users")
         elapsed = time.monotonic() - started
     finally:
         locker.rollback()
         locker.close()
 
-    assert (status, body["error"]["code"]) == (503, "statement_timeout")
-    assert headers["Retry-After"] == "1"
+    assert (reply.status, reply.json["error"]["code"]) == (503, "statement_timeout")
+    assert reply.headers["Retry-After"] == "1"
     # The server cancelled it (the client's own deadline is a second later).
     assert STATEMENT_TIMEOUT_MS / 1000 <= elapsed < STATEMENT_TIMEOUT_MS / 1000 + 0.8
-    assert get_with_headers(port, "/users")[0] == 200  # lock gone: served again
+    assert request(port, "GET", "/users").status == 200  # lock gone: served again
 
     # PgBouncer refused the timeout as a startup option; each pool found the role's instead
     # and sends statements as they are.

@@ -12,6 +12,8 @@ import psycopg2.extensions
 import pytest
 from gevent.event import Event
 from gunicorn_proc import REPO, wait_until
+from loadgen import join_all
+from pgutil import backends
 
 from service.db import DatabaseUnavailable, PoolTimeout, StatementTimeout
 
@@ -26,7 +28,7 @@ def hold(pool, release: Event, got: list, name):
     with pool.connection() as db:
         got.append(name)
         db.execute("SELECT 1")
-        release.wait()
+        release.wait(10)
 
 
 def test_rows_are_dicts_and_a_clean_block_commits(make_pool, admin):
@@ -54,11 +56,8 @@ def test_a_database_error_leaves_no_transaction_open(make_pool, admin):
     pool = make_pool(max_size=1)
     with pytest.raises(psycopg2.errors.UndefinedTable), pool.connection() as db:
         db.execute("SELECT * FROM no_such_table")
-    admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool'"
-        " AND state <> 'idle'"
-    )
-    assert admin.fetchone()[0] == 0
+    # None: a backend still starting, not yet idle nor busy.
+    assert [b for b in backends(admin, "test-pool") if b["state"] not in ("idle", None)] == []
     assert backend_pid(pool) > 0
 
 
@@ -99,12 +98,8 @@ def test_in_autocommit_every_statement_has_the_timeout_and_commits_alone(make_po
 
 def running_query(admin, application_name: str) -> str:
     """The text the server received for the statement a pool's connection is running."""
-    admin.execute(
-        "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
-        (application_name,),
-    )
-    rows = admin.fetchall()
-    return rows[0][0] if rows else ""
+    active = backends(admin, application_name, state="active")
+    return active[0]["query"] if active else ""
 
 
 @pytest.mark.parametrize("autocommit", [True, False])
@@ -158,7 +153,7 @@ def test_greenlets_share_few_connections_without_blocking_the_loop(make_pool):
             db.execute("SELECT pg_sleep(%s)", (nap,))
 
     started = time.monotonic()
-    gevent.joinall([gevent.spawn(nap_once) for _ in range(n)], raise_error=True)
+    join_all([gevent.spawn(nap_once) for _ in range(n)], 30, "the greenlets")
     elapsed = time.monotonic() - started
     ticker.kill()
     ideal = math.ceil(n / k) * nap  # 1.0 s; a blocking driver needs n * nap = 4 s
@@ -180,7 +175,7 @@ def test_waiters_are_served_first_come_first_served(make_pool):
     for greenlet in waiters:
         greenlet.args[1].set()  # each waiter releases as soon as it has a connection
     release.set()
-    gevent.joinall(holders + waiters, raise_error=True)
+    join_all(holders + waiters, 30, "the greenlets")
     # The two holders connected at once, in either order; the queue is served in order.
     assert sorted(order[:2]) == ["holder0", "holder1"]
     assert order[2:] == [0, 1, 2, 3, 4, 5]
@@ -198,7 +193,7 @@ def test_a_newcomer_does_not_overtake_the_queue(make_pool):
     with pool.connection() as db:
         order.append("newcomer")
         db.execute("SELECT 1")
-    gevent.joinall([holder, waiter], raise_error=True)
+    join_all([holder, waiter], 30, "the greenlets")
     assert order == ["holder", "waiter", "newcomer"]
 
 
@@ -214,7 +209,7 @@ def test_waiters_get_pool_timeout_after_the_deadline(make_pool):
     assert 0.3 <= waited < 1.0
     assert pool.stats()["waiting"] == 0
     release.set()
-    holder.join()
+    join_all([holder], 10, "the holder")
     assert backend_pid(pool) > 0  # the slot of the timed-out waiter was not lost
 
 
@@ -228,7 +223,7 @@ def test_a_killed_waiter_leaves_the_queue(make_pool):
     waiter.kill()
     assert pool.stats()["waiting"] == 0
     release.set()
-    holder.join()
+    join_all([holder], 10, "the holder")
     assert pool.stats()["in_use"] == 0
     assert backend_pid(pool, timeout=0.5) > 0
 
@@ -238,12 +233,8 @@ def test_a_greenlet_killed_mid_query_does_not_leak_its_connection(make_pool, adm
     sleeper = gevent.spawn(backend_pid_after_sleep, pool)
 
     def sleeping():
-        admin.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = 'test-pool' AND state = 'active'"
-            " AND query LIKE '%%pg_sleep%%'"
-        )
-        return admin.fetchone()[0] == 1
+        active = backends(admin, "test-pool", state="active")
+        return len([b for b in active if "pg_sleep" in b["query"]]) == 1
 
     wait_until(sleeping, 5, "the query running")
     sleeper.kill()
@@ -316,12 +307,15 @@ def test_a_closed_pool_refuses_checkouts(make_pool):
 # still runs a query. Run apart, so that a worker frozen by the close fails the test instead of
 # freezing the test run.
 CLOSE_WHILE_A_QUERY_RUNS = """
+import sys
 import time
 from gevent import monkey; monkey.patch_all()
 from psycogreen.gevent import patch_psycopg; patch_psycopg()
 import os
 import gevent.event
-import psycopg2
+sys.path.insert(0, "tests")
+from gunicorn_proc import wait_until
+from pgutil import autocommit, backends
 from service.db.pool import Pool
 
 pool = Pool(os.environ["DATABASE_URL"], min_size=0, max_size=2, timeout=5,
@@ -342,19 +336,10 @@ started = time.monotonic()
 pool.close()
 print("closed in", round(time.monotonic() - started, 3), flush=True)
 # The idle connection is gone from the server, the lent one still runs its query.
-admin = psycopg2.connect(os.environ["DATABASE_URL"])
-admin.autocommit = True
-deadline = time.monotonic() + 1  # well before the query ends
-while True:
-    with admin.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool-close'"
-        )
-        backends = cur.fetchone()[0]
-    if backends == 1 or time.monotonic() > deadline:
-        break
-    gevent.sleep(0.02)
-print("backends", backends, "running" if not request.ready() else "done", flush=True)
+with autocommit(os.environ["DATABASE_URL"]) as admin:
+    # within 1 s: well before the query ends
+    wait_until(lambda: len(backends(admin, "test-pool-close")) == 1, 1, "the lent one alone")
+print("lent", "running" if not request.ready() else "done", flush=True)
 request.join(10)
 print("request", "ok" if request.successful() else repr(request.exception), flush=True)
 print("stats", pool.stats(), flush=True)
@@ -375,14 +360,11 @@ def test_closing_the_pool_while_a_query_runs_leaves_that_connection_to_its_holde
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert float(lines["closed"].removeprefix("in ")) < 0.5  # not after the query
-    # The idle one closed at once, the lent one left to its query.
-    assert lines["backends"] == "1 running"
+    # The idle one closed at once (the script waited for that), the lent one left to its query.
+    assert lines["lent"] == "running"
     assert lines["request"] == "ok"  # it ran to its end
     assert lines["stats"] == str({"max": 2, "size": 0, "in_use": 0, "idle": 0, "waiting": 0})
-    admin.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'test-pool-close'"
-    )
-    assert admin.fetchone()[0] == 0
+    assert backends(admin, "test-pool-close") == []
 
 
 def test_no_connection_churn_under_steady_load(make_pool, admin):
@@ -393,18 +375,14 @@ def test_no_connection_churn_under_steady_load(make_pool, admin):
         return {backend_pid(pool) for _ in range(n)}
 
     def server_pids():
-        admin.execute(
-            "SELECT pid FROM pg_stat_activity"
-            " WHERE application_name = 'test-pool' AND state = 'idle'"
-        )
-        return {pid for (pid,) in admin.fetchall()}
+        return {b["pid"] for b in backends(admin, "test-pool", state="idle")}
 
     seen = set()
-    for batch in gevent.joinall([gevent.spawn(count_pids, 20) for _ in range(50)]):
-        seen |= batch.get()
+    for pids in join_all([gevent.spawn(count_pids, 20) for _ in range(50)], 30, "the batch"):
+        seen |= pids
     before = server_pids()
     assert len(before) == 5
-    for batch in gevent.joinall([gevent.spawn(count_pids, 20) for _ in range(50)]):
-        seen |= batch.get()
+    for pids in join_all([gevent.spawn(count_pids, 20) for _ in range(50)], 30, "the batch"):
+        seen |= pids
     assert server_pids() == before
     assert seen == before  # 2,000 checkouts, five connections, none ever replaced

@@ -16,6 +16,7 @@ import gevent
 import greenlet
 import pytest
 from gunicorn_proc import wait_until
+from pgutil import backends
 
 from service.db import Pool
 
@@ -60,13 +61,9 @@ CASES = [commits, rolls_back, in_autocommit, waits_behind_another]
 
 
 def server_connections(admin, application_name: str) -> dict[str, int]:
-    admin.execute(
-        "SELECT count(*), count(*) FILTER (WHERE state <> 'idle')"
-        " FROM pg_stat_activity WHERE application_name = %s",
-        (application_name,),
-    )
-    size, busy = admin.fetchone()
-    return {"size": size, "in_use": busy}
+    found = backends(admin, application_name)
+    # A backend still starting has no state yet: open, not in use.
+    return {"size": len(found), "in_use": sum(b["state"] not in ("idle", None) for b in found)}
 
 
 def pool_counts(pool: Pool) -> dict[str, int]:

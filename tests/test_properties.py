@@ -46,7 +46,9 @@ bodies = (
     | json_values
 )
 # Each property below runs this many examples; at least this share of them must be stored (201),
-# or the "stored whole" half of the property would go untested.
+# or the "stored whole" half of the property would go untested. The examples are the same on
+# every run (derandomize): Hypothesis repeats small emails, and how many repeats end in 409
+# would otherwise move the share from run to run.
 BODY_EXAMPLES = 150
 STORED_AT_LEAST = 0.25
 
@@ -111,7 +113,7 @@ def assert_refused_cleanly(admin, response, statuses: tuple[int, ...]) -> None:
 def test_any_json_body_is_stored_whole_or_refused_cleanly(fuzz_client, admin):
     answered = Counter()
 
-    @settings(max_examples=BODY_EXAMPLES, deadline=None)
+    @settings(max_examples=BODY_EXAMPLES, deadline=None, derandomize=True, database=None)
     @given(body=bodies)
     def post(body):
         admin.execute("TRUNCATE users")
@@ -137,7 +139,7 @@ valid_json = st.builds(
 def test_any_bytes_sent_as_json_get_a_json_answer_and_store_nothing_bad(fuzz_client, admin):
     answered = Counter()
 
-    @settings(max_examples=BODY_EXAMPLES, deadline=None)
+    @settings(max_examples=BODY_EXAMPLES, deadline=None, derandomize=True, database=None)
     @given(raw=st.binary(max_size=200) | texts.map(str.encode) | valid_json)
     def post(raw):
         admin.execute("TRUNCATE users")

@@ -4,6 +4,7 @@ import time
 
 import gevent
 import pytest
+from loadgen import join_all
 
 from service.db import schema
 
@@ -18,10 +19,7 @@ def test_instances_starting_together_apply_each_file_once(pg_server, admin):
     if pg_server is None:
         pytest.skip("needs the throwaway server to create a database")
     url = pg_server.create_database("migrate_race")
-    runs = gevent.joinall(
-        [gevent.spawn(schema.migrate, url, 5) for _ in range(5)], raise_error=True
-    )
-    applied = [run.get() for run in runs]
+    applied = join_all([gevent.spawn(schema.migrate, url, 5) for _ in range(5)], 60, "migrations")
     assert sorted(applied) == [[], [], [], [], ["001_users.sql"]]
 
 

@@ -14,7 +14,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gunicorn_proc import HOST, Gunicorn, call, wait_until
+from gunicorn_proc import HOST, Gunicorn, request, wait_until
 
 from service.server.worker import CONNECTIONS_PER_ACCEPT, BatchAcceptingServer
 
@@ -46,7 +46,7 @@ def turns_of_each_accept(
         turn += 1
 
     def serve(conn, address):
-        release.wait()
+        release.wait(30)
         conn.close()
 
     listener = socket.socket()
@@ -102,7 +102,7 @@ def test_gunicorn_runs_this_worker_and_each_listener_accepts_in_batches(database
     """The production command uses it; each worker says so once its listeners accept."""
     env = {"WEB_CONCURRENCY": "2", "DB_POOL_MAX": "2"}
     with Gunicorn(database_url, tmp_path / "gunicorn.log", **env) as gunicorn:
-        assert call(gunicorn.port, "GET", "/healthz")[0] == 200
+        assert request(gunicorn.port, "GET", "/healthz").status == 200
         lines = wait_until(
             lambda: (
                 len(found := gunicorn.log_lines("accepting 1 connection per loop turn")) == 2
