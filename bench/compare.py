@@ -32,22 +32,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
 
+from bench import servers as bench_servers
 from bench import wrk
 from deploy.localpg import LocalPostgres
 
-ROOT = Path(__file__).resolve().parent.parent
 MIX_LUA = Path(__file__).resolve().parent / "mix.lua"
 WARMUP_S = 2
-READY_DEADLINE_S = 60.0
-STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 30 s
 DRAIN_DEADLINE_S = 30.0
 POLL_S = 0.05
 MIN_WORKER_CONNECTIONS = 6000
@@ -58,51 +54,16 @@ LABELS = ("A", "B")
 _HELD_STATES = {"01", "03", "08"}
 _STATUS = re.compile(r'"status": ?(\d{3})')
 _METHOD_ROUTE = re.compile(r'"method": ?"([A-Z]+)".*?"route": ?("[^"]*"|null)')
-LOG_EVENTS = {
-    "tracebacks": "Traceback (most recent call last)",
-    "worker timeouts": "WORKER TIMEOUT",
-    "workers booted": "Booting worker",
-    "too many open files": "Too many open files",
-}
 
 
-class Server:
-    """One checkout's gunicorn on 127.0.0.1, in a session of its own, logging to a file."""
+class Server(bench_servers.Server):
+    """One checkout's gunicorn on 127.0.0.1 (bench/servers.py), with its database."""
 
     def __init__(self, label: str, root: Path, dsn: str, env: dict[str, str], log: Path):
+        variant = bench_servers.HttpVariant(label, str(root), root / "gunicorn.conf.py", "")
+        super().__init__(variant, env, log, root)
         self.label = label
-        self.root = root
         self.dsn = dsn
-        self.port = int(env["PORT"])
-        self.log_path = log
-        self._env = env
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Start gunicorn; its output goes to the log file, never through this process."""
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(
-                [str(gunicorn_for(self.root)), "-c", "gunicorn.conf.py"],
-                cwd=self.root,
-                env=self._env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_ready(self) -> None:
-        """Return once /healthz and then /readyz answer 200; raise RuntimeError with the log's
-        tail when gunicorn exits or READY_DEADLINE_S passes first."""
-        deadline = time.monotonic() + READY_DEADLINE_S
-        for path in ("/healthz", "/readyz"):
-            while not self._answers(path):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.label} did not become ready:\n{self.log_tail()}")
-                time.sleep(POLL_S)
 
     def held_connections(self) -> int:
         """Client sockets the server still holds on its port (established or not yet closed)."""
@@ -119,27 +80,6 @@ class Server:
                     count += 1
         return count
 
-    def stop(self) -> None:
-        """SIGTERM to the session (gunicorn's graceful stop), SIGKILL after STOP_DEADLINE_S."""
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        os.killpg(self._proc.pid, signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=STOP_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def _answers(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=2) as answer:
-                return answer.status == 200
-        except (OSError, urllib.error.HTTPError):
-            return False
-
 
 @dataclass
 class Round:
@@ -150,12 +90,6 @@ class Round:
     results: dict[str, wrk.WrkResult] = field(default_factory=dict)
     warmups: dict[str, wrk.WrkResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def gunicorn_for(root: Path) -> Path:
-    """The checkout's own `.venv/bin/gunicorn`, else this repository's."""
-    own = root / ".venv" / "bin" / "gunicorn"
-    return own if own.exists() else ROOT / ".venv" / "bin" / "gunicorn"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +131,8 @@ def _run(args: argparse.Namespace, logs: Path) -> list[str]:
         pg.start()
         for label, root in zip(LABELS, (args.a, args.b), strict=True):
             server = _new_server(label, root, pg, args, logs)
-            servers.append(server)  # before it starts: whatever happens next, it is stopped
-            server.start()
-            server.wait_ready()
+            servers.append(server)  # started: whatever happens next, it is stopped
+            server.wait_ready(("/healthz", "/readyz"))
             _seed(server.dsn, args.users)
             print(f"bench.compare: {label} ready on {server.url} ({root})", flush=True)
         sections = [_table(level, _measure_level(servers, level, args)) for level in args.levels]
@@ -378,7 +311,7 @@ def _scan_log(path: Path) -> tuple[Counter, Counter]:
     """Access lines of status 400 and up counted by status, method and route; LOG_EVENTS
     counted by name. Reads line by line: the log holds one line per request."""
     statuses: Counter = Counter()
-    events: Counter = Counter(dict.fromkeys(LOG_EVENTS, 0))
+    events: Counter = Counter(dict.fromkeys(bench_servers.LOG_EVENTS, 0))
     with open(path, errors="replace") as log:
         for line in log:
             status = _STATUS.search(line)
@@ -386,7 +319,7 @@ def _scan_log(path: Path) -> tuple[Counter, Counter]:
                 where = _METHOD_ROUTE.search(line)
                 route = f"{where[1]} {where[2].strip(chr(34))}" if where else "?"
                 statuses[f"{status[1]} {route}"] += 1
-            for name, marker in LOG_EVENTS.items():
+            for name, marker in bench_servers.LOG_EVENTS.items():
                 if marker in line:
                     events[name] += 1
     return statuses, events

@@ -80,11 +80,13 @@ HTTP_VARIANTS = {
 }
 
 
-def gunicorn_command(config: Path) -> list[str]:
-    """`gunicorn -c CONFIG` with the gunicorn of the running interpreter's environment."""
-    script = Path(sys.executable).with_name("gunicorn")
+def gunicorn_command(config: Path, root: Path = ROOT) -> list[str]:
+    """`gunicorn -c CONFIG`, run from `root`: the checkout's own `.venv/bin/gunicorn` when it
+    has one, else the running interpreter's."""
+    own = root / ".venv" / "bin" / "gunicorn"
+    script = own if own.exists() else Path(sys.executable).with_name("gunicorn")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
-    shown = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+    shown = config.relative_to(root) if config.is_relative_to(root) else config
     return [*launcher, "-c", str(shown)]
 
 
@@ -116,16 +118,19 @@ def _set_by_bench(database_url: str, port: int, worker_connections: int) -> dict
 
 
 class Server:
-    """One running gunicorn; `stop()` ends it and every worker, whatever state it is in."""
+    """One running gunicorn, started from the checkout at `root` (this one by default);
+    `stop()` ends it and every worker, whatever state it is in."""
 
-    def __init__(self, variant: HttpVariant, env: dict[str, str], log_path: Path):
+    def __init__(
+        self, variant: HttpVariant, env: dict[str, str], log_path: Path, root: Path = ROOT
+    ):
         self.variant = variant
         self.port = int(env["PORT"])
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                gunicorn_command(variant.config),
-                cwd=ROOT,
+                gunicorn_command(variant.config, root),
+                cwd=root,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -141,11 +146,12 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.variant.path}"
 
-    def wait_ready(self) -> None:
-        """Return once GET /healthz answers 200 and a database request succeeds; raise
-        RuntimeError with the server's log when it exits or is not ready in time."""
+    def wait_ready(self, paths: tuple[str, ...] = ("/healthz", "/users/1")) -> None:
+        """Return once each of `paths` answers 200 in turn (by default: the service is up and a
+        database request succeeds); raise RuntimeError with the server's log when it exits or
+        is not ready in time."""
         deadline = time.monotonic() + READY_DEADLINE_S
-        for path in ("/healthz", "/users/1"):
+        for path in paths:
             while not self._answers(path):
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
