@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg2.extensions
 
@@ -147,9 +148,14 @@ VARIABLES = (
 )
 
 
+# A bearer token shorter than this is refused: it could be guessed.
+TOKEN_MIN_LENGTH = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(repr=False)  # may hold a password: never printed
+    api_tokens: tuple[str, ...] = field(repr=False)  # secrets: never printed
     port: int
     web_concurrency: int
     worker_connections: int
@@ -173,7 +179,7 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read every variable from `environ`; raise ConfigError on the first bad one."""
-    values: dict = {"database_url": _database_url(environ)}
+    values: dict = {"database_url": _database_url(environ), "api_tokens": _api_tokens(environ)}
     for var in VARIABLES:
         values[var.name.lower()] = _read(environ, var, values)
     _check_pool(environ, values)
@@ -239,6 +245,32 @@ def _database_url(environ: Mapping[str, str]) -> str:
                 "number from 1 to 65535 (one per host)"
             )
     return url
+
+
+def _api_tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The bearer tokens of API_TOKENS (comma-separated) and API_TOKENS_FILE (one a line; `#`
+    starts a comment line), together; () when neither is set, and the API is open. A message
+    names the variable, never a token."""
+    tokens = [token.strip() for token in environ.get("API_TOKENS", "").split(",")]
+    path = environ.get("API_TOKENS_FILE", "").strip()
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"API_TOKENS_FILE={path!r} cannot be read: {exc}") from None
+        tokens += [line.strip() for line in lines if not line.strip().startswith("#")]
+    tokens = [token for token in tokens if token]
+    for token in tokens:
+        if len(token) < TOKEN_MIN_LENGTH or not token.isascii() or not token.isprintable():
+            raise ConfigError(
+                f"API_TOKENS/API_TOKENS_FILE hold a token that is not {TOKEN_MIN_LENGTH} or more "
+                "printable ASCII characters (the token is not shown)"
+            )
+        if any(char.isspace() for char in token):
+            raise ConfigError("API_TOKENS/API_TOKENS_FILE hold a token with white space in it")
+    if (environ.get("API_TOKENS", "").strip() or path) and not tokens:
+        raise ConfigError("API_TOKENS/API_TOKENS_FILE are set but hold no token")
+    return tuple(tokens)
 
 
 def redact_dsn(dsn: str) -> str:

@@ -13,7 +13,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from config import Settings, load_settings
 from service import db
-from service.api import errors, health, openapi, users
+from service.api import auth, errors, health, openapi, users
 from service.observability import logs, metrics
 
 MAX_BODY_BYTES = 1 << 20
@@ -28,7 +28,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.after_request(_no_type_without_a_body)
     logs.register(app)
     metrics.register(app)
-    # After logs: a refused body still gets its request id, access line and count.
+    # After logs: a refused request still gets its request id, access line and count. The
+    # token first: a stranger's body is never read.
+    auth.register(app, frozenset({users.bp.name}))
     app.before_request(_refuse_long_streamed_bodies)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)

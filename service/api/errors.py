@@ -34,13 +34,15 @@ UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
 
 
 class ApiError(Exception):
-    """A client error with its status, a stable machine-readable code and a message."""
+    """A client error with its status, a stable machine-readable code, a message, and any
+    headers the status calls for (401's WWW-Authenticate)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def error_response(status: int, code: str, message: str, **extra: str):
@@ -58,7 +60,9 @@ def register(app: Flask) -> None:
 
 
 def _api_error(exc: ApiError):
-    return error_response(exc.status, exc.code, exc.message)
+    response = error_response(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
 
 
 def _http_error(exc: HTTPException):

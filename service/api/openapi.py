@@ -267,6 +267,27 @@ DOCUMENT = {
 }
 
 
+def _declare_bearer_tokens(document: dict) -> None:
+    """With API_TOKENS set, every /users operation needs a bearer token (service/api/auth.py);
+    unset, the API is open: hence the empty alternative in each `security`."""
+    document["components"]["securitySchemes"] = {
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of API_TOKENS, when the service sets any; else not required",
+        }
+    }
+    for path, item in document["paths"].items():
+        if path.startswith("/users"):
+            for method, operation in item.items():
+                if method != "parameters":
+                    operation["security"] = [{"bearerAuth": []}, {}]
+                    operation["responses"]["401"] = _error("no bearer token, or not a valid one")
+
+
+_declare_bearer_tokens(DOCUMENT)
+
+
 @bp.get("/openapi.json")
 def openapi():
     return DOCUMENT
