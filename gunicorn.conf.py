@@ -53,7 +53,8 @@ _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 # worker accepting new connections in batches (service/server/worker.py).
 wsgi_app = "service.server.wsgi:application"
 worker_class = "service.server.worker.GeventWorker"
-bind = [f"0.0.0.0:{settings.port}"]
+# With METRICS_PORT, a second listener for /metrics alone (service/observability/metrics.py).
+bind = [f"0.0.0.0:{port}" for port in (settings.port, settings.metrics_port) if port]
 workers = settings.web_concurrency
 worker_connections = settings.worker_connections
 # Nothing may be opened before fork: each worker opens its own pool in post_worker_init.

@@ -46,6 +46,15 @@ def _default_pool_max(s: dict) -> int:
 VARIABLES = (
     Variable("PORT", int, 8000, 1, 65535, "TCP port the service listens on (0.0.0.0)"),
     Variable(
+        "METRICS_PORT",
+        int,
+        0,
+        0,
+        65535,
+        "TCP port serving /metrics alone (0.0.0.0), which the public port then does not serve; "
+        "0: /metrics on the public port",
+    ),
+    Variable(
         "WEB_CONCURRENCY",
         int,
         lambda s: _cpu_count(),
@@ -157,6 +166,7 @@ class Settings:
     database_url: str = field(repr=False)  # may hold a password: never printed
     api_tokens: tuple[str, ...] = field(repr=False)  # secrets: never printed
     port: int
+    metrics_port: int
     web_concurrency: int
     worker_connections: int
     db_max_connections: int
@@ -182,6 +192,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     values: dict = {"database_url": _database_url(environ), "api_tokens": _api_tokens(environ)}
     for var in VARIABLES:
         values[var.name.lower()] = _read(environ, var, values)
+    _check_ports(values)
     _check_pool(environ, values)
     return Settings(**values)
 
@@ -206,6 +217,11 @@ def _kind_name(var: Variable) -> str:
 
 def _range(var: Variable) -> str:
     return f"accepted {var.kind(var.low)} to {var.kind(var.high)}"
+
+
+def _check_ports(v: dict) -> None:
+    if v["metrics_port"] and v["metrics_port"] == v["port"]:
+        raise ConfigError(f"METRICS_PORT={v['metrics_port']} is PORT too: give /metrics its own")
 
 
 def _check_pool(environ: Mapping[str, str], v: dict) -> None:

@@ -25,6 +25,7 @@ from gunicorn_proc import (
 from pgutil import backends, seed_users
 from prometheus_client import REGISTRY
 
+from config import ConfigError, load_settings
 from service import db
 from service.app import create_app
 from service.db import DatabaseUnavailable, PoolTimeout
@@ -297,3 +298,34 @@ def test_a_given_metrics_dir_starts_from_zero_and_is_kept(database_url, tmp_path
             counts.append(value(samples, "http_requests_total", **ok))
         assert list(given.glob("*.db")), "the files are the operator's to keep"
     assert counts == [3, 3]  # the second run counted from zero, not from the first's files
+
+
+def test_with_a_metrics_port_metrics_leave_the_public_listener(database_url, tmp_path):
+    """METRICS_PORT: /metrics there alone; the public port answers it 404, and a Host header
+    naming the metrics port changes nothing (the listener decides, not the client)."""
+    public, private = free_port(), free_port()
+    env = {
+        "WEB_CONCURRENCY": "1",
+        "DB_POOL_MAX": "1",
+        "PORT": str(public),
+        "METRICS_PORT": str(private),
+        "GUNICORN_CMD_ARGS": f"--bind={HOST}:{public} --bind={HOST}:{private}",
+    }
+    gunicorn = Gunicorn(database_url, tmp_path / "gunicorn.log", **env)
+    gunicorn.port = public  # where it is waited for, as ready
+    with gunicorn:
+        on_public = request(public, "GET", "/metrics")
+        spoofed = request(public, "GET", "/metrics", headers={"Host": f"{HOST}:{private}"})
+        scraped = request(private, "GET", "/metrics")
+        users_on_private = request(private, "GET", "/users")
+        health_on_public = request(public, "GET", "/healthz")
+    assert (on_public.status, spoofed.status) == (404, 404)
+    assert on_public.json["error"]["code"] == "not_found"
+    assert scraped.status == 200 and b"db_pool_max" in scraped.body
+    assert users_on_private.status == 404
+    assert health_on_public.status == 200
+
+
+def test_metrics_port_must_differ_from_port():
+    with pytest.raises(ConfigError, match="METRICS_PORT=9000 is PORT too"):
+        load_settings({"PORT": "9000", "METRICS_PORT": "9000"})

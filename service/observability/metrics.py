@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -28,6 +28,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from werkzeug.exceptions import NotFound
 
 from service.observability import logs
 
@@ -71,6 +72,7 @@ LATENCY = Histogram(
     ["method", "route"],
 )
 
+METRICS_PATH = "/metrics"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "unmatched"
 
@@ -115,9 +117,24 @@ def lookups_answered(lookups: int) -> None:
 
 
 def register(app: Flask) -> None:
-    """Serve `/metrics` and count every request the app answers."""
+    """Serve `/metrics` and count every request the app answers. With METRICS_PORT set,
+    `/metrics` is served on that listener alone, and nothing else is there."""
     app.register_blueprint(bp)
+    app.before_request(_by_listener)
     app.after_request(_observe)
+
+
+def _by_listener() -> None:
+    """404 for /metrics on the public port, and for anything but /metrics on METRICS_PORT.
+
+    The listener is the port the connection came in on: gunicorn sets SERVER_PORT from the
+    listening socket for TCP, whatever the Host header says."""
+    metrics_port = current_app.config["SETTINGS"].metrics_port
+    if not metrics_port:
+        return
+    on_metrics_port = request.environ.get("SERVER_PORT") == str(metrics_port)
+    if on_metrics_port != (request.path == METRICS_PATH):
+        raise NotFound()
 
 
 # The labelled children, looked up once: prometheus_client's labels() checks its arguments and
@@ -147,7 +164,7 @@ def _observe(response: Response) -> Response:
     return response
 
 
-@bp.get("/metrics")
+@bp.get(METRICS_PATH)
 def metrics():
     """Every worker's metrics, added up, in Prometheus's text format."""
     registry = REGISTRY
