@@ -38,8 +38,8 @@ from pathlib import Path
 
 import psycopg2
 
+from bench import database, wrk
 from bench import servers as bench_servers
-from bench import wrk
 from deploy.localpg import LocalPostgres
 
 MIX_LUA = Path(__file__).resolve().parent / "mix.lua"
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace, logs: Path) -> list[str]:
             server = _new_server(label, root, pg, args, logs)
             servers.append(server)  # started: whatever happens next, it is stopped
             server.wait_ready(("/healthz", "/readyz"))
-            _seed(server.dsn, args.users)
+            database.seed_users(server.dsn, args.users)
             print(f"bench.compare: {label} ready on {server.url} ({root})", flush=True)
         sections = [_table(level, _measure_level(servers, level, args)) for level in args.levels]
     finally:
@@ -159,27 +159,6 @@ def _new_server(
         GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
     )
     return Server(label, root, dsn, env, logs / f"{label}.log")
-
-
-def _seed(dsn: str, users: int) -> None:
-    """Insert `users` users with ids 1..users into the freshly migrated table, then VACUUM
-    ANALYZE it; raise RuntimeError when the ids come out otherwise (the table was not empty)."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO users (name, email) SELECT 'user ' || i, 'user' || i || "
-                "'@example.com' FROM generate_series(1, %s) AS i",
-                (users,),
-            )
-            cur.execute("SELECT count(*), min(id), max(id) FROM users")
-            found = cur.fetchone()
-            if found != (users, 1, users):
-                raise RuntimeError(f"seeding gave count, min, max id {found}, not 1..{users}")
-            cur.execute("VACUUM ANALYZE users")
-    finally:
-        conn.close()
 
 
 def _measure_level(servers: list[Server], level: int, args: argparse.Namespace) -> list[Round]:

@@ -28,6 +28,13 @@ def seed(server: LocalPostgres, users: int) -> str:
     """Create the bench database with `users` users (ids 1..users); return its DSN."""
     dsn = server.create_database(DBNAME)
     schema.migrate(dsn, connect_timeout=5)
+    seed_users(dsn, users)
+    return dsn
+
+
+def seed_users(dsn: str, users: int) -> None:
+    """Insert `users` users with ids 1..users into the freshly migrated table, then VACUUM
+    ANALYZE it; raise RuntimeError when the ids come out otherwise (the table was not empty)."""
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True
@@ -38,14 +45,13 @@ def seed(server: LocalPostgres, users: int) -> str:
                 " FROM generate_series(1, %s) AS g",
                 (users,),
             )
+            cur.execute("SELECT count(*), min(id), max(id) FROM users")
+            found = cur.fetchone()
+            if found != (users, 1, users):
+                raise RuntimeError(f"seeding gave count, min, max id {found}, not 1..{users}")
             cur.execute("VACUUM ANALYZE users")
-            cur.execute("SELECT min(id), max(id) FROM users")
-            low, high = cur.fetchone()
     finally:
         conn.close()
-    if (low, high) != (1, users):
-        raise RuntimeError(f"seeded ids run {low}..{high}, expected 1..{users}")
-    return dsn
 
 
 def pgbench_path() -> str:
