@@ -64,13 +64,15 @@ graceful_timeout = 30
 # thousands of connects overflows gunicorn's default (2048) and the overflow sees resets. The
 # kernel caps it at net.core.somaxconn (4096 by default): raise that too for larger bursts.
 backlog = 16384
-# How long a connection may wait for its next request, the first one included. Under a load
-# of thousands of connections a worker can take seconds to come back to one of them; gunicorn's
-# default (2 s) then closes connections mid-conversation. Idle keep-alive connections also hold
-# a shutdown for up to this long, so it stays well under graceful_timeout. Any of these can be
-# overridden at run time, e.g. GUNICORN_CMD_ARGS="--keep-alive 75" behind a load balancer
-# whose idle timeout is 60 s.
-keepalive = 15
+# How long an idle keep-alive connection may wait for its next request (HTTP_KEEPALIVE_TIMEOUT,
+# 15 s). Under a load of thousands of connections a worker can take seconds to come back to one
+# of them; gunicorn's default (2 s) then closes connections mid-conversation. Idle keep-alive
+# connections also hold a shutdown for up to this long, so it stays well under
+# graceful_timeout. Behind a load balancer whose idle timeout is 60 s, set it to 75. The other
+# deadlines on the wire (head, body, write) are kept by the worker: service/server/connections.py.
+keepalive = settings.http_keepalive_timeout
+# Every response byte goes through the socket's sendall, which keeps the write deadline.
+sendfile = False
 # gunicorn's control socket sits at one path per user: two instances on one host would fight
 # over it, and a read-only container home cannot hold it.
 control_socket_disable = True
@@ -117,6 +119,11 @@ def on_starting(server):
     # handler that removes the metrics directory.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(sig, _stop_while_starting)
+    if server.cfg.is_ssl:
+        raise RuntimeError(
+            "gunicorn is given a certificate, but the service speaks plain HTTP: terminate TLS "
+            "in front of it (a load balancer or proxy) and set TRUSTED_PROXIES"
+        )
     if server.cfg.workers != settings.web_concurrency:  # e.g. --workers in GUNICORN_CMD_ARGS
         raise RuntimeError(
             f"gunicorn would run {server.cfg.workers} workers but WEB_CONCURRENCY is "

@@ -71,6 +71,40 @@ VARIABLES = (
         "concurrent HTTP connections per worker (greenlets)",
     ),
     Variable(
+        "HTTP_HEAD_TIMEOUT",
+        float,
+        10.0,
+        0.1,
+        3600,
+        "seconds a client has to send a request's head (line and headers): from connect for "
+        "the first request, from its first byte for a later one; missed: the connection closes",
+    ),
+    Variable(
+        "HTTP_BODY_TIMEOUT",
+        float,
+        30.0,
+        0.1,
+        3600,
+        "seconds a client has to send a whole request body, from the end of its head",
+    ),
+    Variable(
+        "HTTP_KEEPALIVE_TIMEOUT",
+        int,
+        15,
+        0,
+        3600,
+        "seconds an idle keep-alive connection may wait for its next request (0: one request "
+        "per connection)",
+    ),
+    Variable(
+        "HTTP_WRITE_TIMEOUT",
+        float,
+        30.0,
+        0.1,
+        3600,
+        "seconds a client has to take a whole response, from its first byte",
+    ),
+    Variable(
         "DB_MAX_CONNECTIONS",
         int,
         20,
@@ -169,6 +203,10 @@ class Settings:
     metrics_port: int
     web_concurrency: int
     worker_connections: int
+    http_head_timeout: float
+    http_body_timeout: float
+    http_keepalive_timeout: int
+    http_write_timeout: float
     db_max_connections: int
     db_pool_max: int
     db_pool_min: int

@@ -13,7 +13,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from config import Settings, load_settings
 from service import db
-from service.api import auth, errors, health, openapi, users
+from service.api import auth, client, errors, health, openapi, users
 from service.observability import logs, metrics
 
 MAX_BODY_BYTES = 1 << 20
@@ -31,26 +31,34 @@ def create_app(settings: Settings | None = None) -> Flask:
     # After logs: a refused request still gets its request id, access line and count. The
     # token first: a stranger's body is never read.
     auth.register(app, frozenset({users.bp.name}))
-    app.before_request(_refuse_long_streamed_bodies)
+    app.before_request(_read_whole_body)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
     loader = app.extensions[users.LOADER] = users.user_loader()
     app.extensions[db.WAITING_ELSEWHERE] = lambda: loader.waiting
+    app.extensions[db.CLIENT_GONE] = client.hung_up
     return app
 
 
-def _refuse_long_streamed_bodies() -> None:
-    """413 for a body sent without Content-Length (chunked) that runs past the limit.
+def _read_whole_body() -> None:
+    """Read the body here, once (cached for `get_json`), and refuse one that is not whole, so
+    that a handler never sees a body cut short and the pool never sees a client still sending.
 
-    werkzeug refuses such a body only by its Content-Length; one without reads up to the
-    limit and stops there in silence, so the rest would be dropped and the truncated body
-    used (a JSON object followed by 1 MiB of spaces would be stored). Read it here, once
-    (cached for `get_json`), and look for one byte more.
+    A body shorter than its Content-Length means the client hung up, or missed the body
+    deadline (service/server/connections.py): gunicorn hands the app what came, without a
+    word, so it is checked here (400, and nothing is stored). A body sent without
+    Content-Length (chunked) that runs past the limit gets 413: werkzeug refuses a body only by
+    its Content-Length, and reads one without up to the limit and stops there in silence (a
+    JSON object followed by 1 MiB of spaces would be stored); so look for one byte more.
     """
-    if request.method in ("GET", "HEAD") or request.content_length is not None:
+    if request.method in ("GET", "HEAD"):
         return  # the method first: most requests are GETs, and it costs no header parsing
     body = request.get_data(cache=True)
+    if request.content_length is not None:
+        if len(body) < request.content_length:
+            raise ClientDisconnected()
+        return
     if len(body) < MAX_BODY_BYTES:
         return
     try:  # past werkzeug's wrapper: the server's own reader

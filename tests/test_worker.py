@@ -16,12 +16,10 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 from gunicorn_proc import HOST, Gunicorn, request, wait_until
 
+from service.server.connections import Closes, Deadlines
 from service.server.worker import CONNECTIONS_PER_ACCEPT, BatchAcceptingServer
 
 BURST = 50
-HELD = 200  # connections a busy worker already serves
-
-
 HELD = 200  # connections a busy worker already serves
 
 
@@ -52,7 +50,10 @@ def turns_of_each_accept(
     listener = socket.socket()
     listener.bind((HOST, 0))
     listener.listen(held + burst)
-    server = Recording(listener, handle=serve, spawn=Pool(held + burst))
+    own = {}
+    if issubclass(server_class, BatchAcceptingServer):  # deadlines far beyond the test
+        own = {"deadlines": Deadlines(60, 60, 60, 60), "closes": Closes(lambda reason: None)}
+    server = Recording(listener, handle=serve, spawn=Pool(held + burst), **own)
     if server_class is StreamServer:
         server.max_accept = 1  # what gunicorn's GeventWorker.run() does when workers > 1
     counter = gevent.get_hub().loop.check()

@@ -2,6 +2,7 @@
 
 Handlers raise `ApiError` for bad input. The database layer's exceptions (service/db/errors.py)
 become 503 with Retry-After, each with a code of its own; a subclass maps as its parent does.
+`ClientGone` becomes 499, for the log: its client is gone.
 werkzeug's HTTP errors (404, 405, 413, 415, malformed JSON) keep their status and headers.
 Anything else is logged with its traceback and answered with 500 and the request id, which
 finds that traceback in the log: no stack trace, no SQL, no DSN ever reaches a client.
@@ -15,12 +16,21 @@ import re
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from service.db import DatabaseUnavailable, PoolTimeout, StatementTimeout, TransactionConflict
+from service.db import (
+    ClientGone,
+    DatabaseUnavailable,
+    PoolTimeout,
+    StatementTimeout,
+    TransactionConflict,
+)
 from service.observability import logs
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+# nginx's status for a request whose client hung up before it was answered: in the access log
+# and the request counts, never seen by the client.
+CLIENT_CLOSED_REQUEST = 499
 
 UNAVAILABLE: dict[type[Exception], tuple[str, str]] = {
     PoolTimeout: ("pool_timeout", "the service is busy: no database connection became free"),
@@ -53,6 +63,7 @@ def error_response(status: int, code: str, message: str, **extra: str):
 
 def register(app: Flask) -> None:
     app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(ClientGone, _client_gone)
     app.register_error_handler(HTTPException, _http_error)
     for exc_type in UNAVAILABLE:
         app.register_error_handler(exc_type, _unavailable)
@@ -63,6 +74,10 @@ def _api_error(exc: ApiError):
     response = error_response(exc.status, exc.code, exc.message)
     response.headers.update(exc.headers)
     return response
+
+
+def _client_gone(exc: ClientGone):
+    return error_response(CLIENT_CLOSED_REQUEST, "client_closed_request", str(exc))
 
 
 def _http_error(exc: HTTPException):

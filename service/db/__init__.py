@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from flask import Flask, current_app
 
 from service.db.errors import (
+    ClientGone,
     DatabaseUnavailable,
     PoolTimeout,
     StatementTimeout,
@@ -24,8 +25,10 @@ from service.db.errors import (
 from service.db.pool import Cursor, Pool, PoolEvents
 
 __all__ = [
+    "CLIENT_GONE",
     "EVENTS",
     "WAITING_ELSEWHERE",
+    "ClientGone",
     "Cursor",
     "DatabaseUnavailable",
     "Pool",
@@ -46,6 +49,9 @@ EVENTS = "service.db.events"
 # Where an app keeps a callable counting requests that wait for a connection outside the pool
 # (a batch loader's lookups), which DB_POOL_MAX_WAITING counts too.
 WAITING_ELSEWHERE = "service.db.waiting_elsewhere"
+# Where an app keeps a callable saying whether the current request's client has hung up: a
+# request that waited for a connection is then not served (`ClientGone`).
+CLIENT_GONE = "service.db.client_gone"
 
 
 def open_pool(app: Flask) -> Pool:
@@ -65,6 +71,7 @@ def open_pool(app: Flask) -> Pool:
         leak_warn_s=settings.db_pool_leak_warn_s,
         events=events,
         waiting_elsewhere=app.extensions.get(WAITING_ELSEWHERE),
+        client_gone=app.extensions.get(CLIENT_GONE),
     )
     app.extensions[EXTENSION] = pool
     pool.warm()
@@ -93,9 +100,11 @@ def get_db(
     whatever the block wrote through and however (see `Pool.connection`).
 
     Waits for a free connection up to DB_POOL_TIMEOUT (or `timeout`), then raises
-    `PoolTimeout`. `autocommit=True` makes every statement its own transaction: use it for a
-    block that runs a single statement (it saves the BEGIN and COMMIT round trips), or one
-    that cannot run in a transaction block, never for statements that must stand or fall
-    together.
+    `PoolTimeout`; raises `ClientGone`, having sent nothing, when the request's client hung up
+    before the connection was lent.
+
+    `autocommit=True` makes every statement its own transaction: use it for a block that runs a
+    single statement (it saves the BEGIN and COMMIT round trips), or one that cannot run in a
+    transaction block, never for statements that must stand or fall together.
     """
     return current_pool().connection(timeout, autocommit)

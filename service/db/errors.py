@@ -32,6 +32,11 @@ class PoolTimeout(Exception):
     """No connection became free within the wait allowed (or too many already wait)."""
 
 
+class ClientGone(Exception):
+    """The caller's client hung up while the caller waited for a connection (or before): the
+    connection was handed back unused, and nothing was sent to the server."""
+
+
 class DatabaseUnavailable(Exception):
     """The server cannot be reached, or the connection broke while in use."""
 

@@ -42,6 +42,7 @@ from psycopg2.extras import RealDictCursor
 from psycopg2.pool import ThreadedConnectionPool
 
 from service.db.errors import (
+    ClientGone,
     DatabaseUnavailable,
     PoolTimeout,
     TransactionAborted,
@@ -171,8 +172,9 @@ class Pool(ThreadedConnectionPool):
     `connect_timeout` the opening of a new one, `statement_timeout_ms` every statement.
     `events`, when given, hears what the pool does (`PoolEvents`). `waiting_elsewhere`, when
     given, counts callers that wait for a connection outside the pool (lookups in a batch,
-    service/db/batch.py), for the `max_waiting` cap. Nothing is opened here: `warm()` opens
-    `min_size` connections, best effort.
+    service/db/batch.py), for the `max_waiting` cap. `client_gone`, when given, says whether the
+    calling greenlet's client has hung up: `connection()` asks it once it holds a connection.
+    Nothing is opened here: `warm()` opens `min_size` connections, best effort.
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class Pool(ThreadedConnectionPool):
         application_name: str = "service",
         events: PoolEvents | None = None,
         waiting_elsewhere: Callable[[], int] | None = None,
+        client_gone: Callable[[], bool] | None = None,
     ):
         super().__init__(
             0,  # psycopg2 would open minconn connections here, failing when the server is down
@@ -230,6 +233,7 @@ class Pool(ThreadedConnectionPool):
         self._probing = False
         self._events = events
         self._waiting_elsewhere = waiting_elsewhere
+        self._client_gone = client_gone
         self._changed()
 
     @contextmanager
@@ -253,6 +257,8 @@ class Pool(ThreadedConnectionPool):
 
         Waits up to `timeout` (default: the pool's) for a free connection, then raises
         `PoolTimeout`; raises it at once when `max_waiting` greenlets already wait. Raises
+        `ClientGone`, before anything is sent, when the caller's client hung up meanwhile (the
+        pool's `client_gone`). Raises
         `DatabaseUnavailable` when no connection can be opened (at once while connects back off
         after a failure) or the connection breaks, `StatementTimeout` when the server cancels a
         statement, `TransactionConflict` on a serialization failure, deadlock or lock timeout
@@ -267,6 +273,8 @@ class Pool(ThreadedConnectionPool):
             contextvars.copy_context().run, _warn_leak, gevent.getcurrent(), self._leak_warn_s
         )
         try:
+            if self._client_gone is not None and self._client_gone():
+                raise ClientGone("the client hung up while its request waited")
             with _translated_errors(conn):
                 conn.autocommit = autocommit  # the connection is idle: no round trip
                 cursor = conn.cursor()

@@ -51,6 +51,12 @@ POOL_GAUGES = {
         ("waiting", "Requests waiting for a connection"),
     )
 }
+CONNECTIONS_CLOSED = Counter(
+    "http_connections_closed",
+    "Client connections the server closed: a deadline missed (head, body, write, idle) or "
+    "shed to free a slot",
+    ["reason"],
+)
 CHECKOUTS = Counter("db_pool_checkouts", "Connections lent to requests")
 TIMEOUTS = Counter("db_pool_timeouts", "Requests that got no connection in time (503)")
 DISCARDED = Counter("db_pool_discarded", "Broken, dead or expired connections closed")
@@ -108,6 +114,11 @@ class PoolMetrics:
             if self._last.get(key) != value:
                 self._last[key] = value
                 POOL_GAUGES[key].set(value)
+
+
+def connection_closed(reason: str) -> None:
+    """The server closed a client connection, for `reason` (service/server/connections.py)."""
+    CONNECTIONS_CLOSED.labels(reason).inc()
 
 
 def lookups_answered(lookups: int) -> None:

@@ -1,0 +1,208 @@
+"""Deadlines on the wire, and which connections give way when a worker's slots run out.
+
+Every connection a worker accepts is a `ClientSocket`, and every read and write of gunicorn's
+on it (its HTTP parser, the request body the app reads, the response gunicorn writes) runs
+against one deadline, set by the phase the connection is in:
+
+| phase | from | to | deadline |
+|---|---|---|---|
+| head | accept, or a later request's first byte | the end of the head | HTTP_HEAD_TIMEOUT |
+| body | the end of the head | the response's first byte | HTTP_BODY_TIMEOUT |
+| write | the response's first byte | its last | HTTP_WRITE_TIMEOUT |
+| idle | the end of a response | the next request's first byte | HTTP_KEEPALIVE_TIMEOUT |
+
+A deadline bounds the phase as a whole, not each read: a client sending one byte a second
+gets no more time than one sending nothing. A later request whose head was partly sent with
+the previous one (pipelined) has the idle and head deadlines together. The body phase spans
+the app's work as well: HTTP_BODY_TIMEOUT bounds only reading, since the app never reads after
+it has started a response, nor waits for the database before it has read the body.
+
+A connection that misses its deadline is shut down: gunicorn then sees what it sees when a
+client hangs up (end of input when reading, EPIPE when writing), and closes it without a log
+line of its own. The app sees a body cut short, which it refuses (service/app.py). The closes
+are counted by reason in `/metrics` (`http_connections_closed_total`) and summed up in one log
+line per worker at most every `LOG_EVERY_S`.
+
+When a worker takes the last free slot of a listener (WORKER_CONNECTIONS), the connection that
+has waited longest for a request head (idle keep-alive, silent, or trickling) is shed, reason
+`shed`, so that a slot stays free for the next client. Connections whose request is being read
+or served are never shed. An idle keep-alive connection may be closed at any time (RFC 9112
+9.8), and clients retry on a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket as stdlib_socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gevent import socket as gsocket
+
+log = logging.getLogger(__name__)
+
+HEAD, BODY, WRITE, IDLE, SHED = "head", "body", "write", "idle", "shed"
+REASONS = (HEAD, BODY, WRITE, IDLE, SHED)
+LOG_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds allowed to each phase of a connection (see the module's table)."""
+
+    head: float
+    body: float
+    write: float
+    idle: float
+
+
+class Closes:
+    """Connections this worker closed for missing a deadline or to free a slot: counted at once
+    (`count(reason)`), logged as one summary line when `log_if_due()` finds `LOG_EVERY_S`
+    passed since the last (or the worker is exiting)."""
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        self._count = count
+        self._since_log: Counter[str] = Counter()
+        self._logged_at = time.monotonic()
+
+    def closed(self, reason: str) -> None:
+        self._count(reason)
+        self._since_log[reason] += 1
+
+    def log_if_due(self, at_exit: bool = False) -> None:
+        now = time.monotonic()
+        if not self._since_log or (now - self._logged_at < LOG_EVERY_S and not at_exit):
+            return
+        summary = ", ".join(f"{reason} {self._since_log[reason]}" for reason in REASONS)
+        log.info(
+            "connections closed by the server in the last %.0f s: %s",
+            now - self._logged_at,
+            summary,
+        )
+        self._since_log.clear()
+        self._logged_at = now
+
+
+class WaitingForHead:
+    """A listener's connections that wait for a request head, longest-waiting first."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[ClientSocket, None] = {}
+
+    def add(self, sock: ClientSocket) -> None:
+        self._sockets.pop(sock, None)
+        self._sockets[sock] = None
+
+    def discard(self, sock: ClientSocket) -> None:
+        self._sockets.pop(sock, None)
+
+    def longest_waiting(self) -> ClientSocket | None:
+        return next(iter(self._sockets), None)
+
+    def __len__(self) -> int:
+        return len(self._sockets)
+
+
+class ClientSocket(gsocket.socket):
+    """A gevent socket whose reads and writes keep the deadline of the connection's phase.
+
+    The worker moves it from phase to phase: `request_started()` once gunicorn parsed a head,
+    `request_finished()` once the response is written; the first write moves it to the write
+    phase by itself. `close_for(reason)` shuts it down from any greenlet: a read waiting on it
+    then returns end of input, and a write fails with EPIPE.
+    """
+
+    __slots__ = ("_closed_by", "_closes", "_deadline", "_deadlines", "_phase", "_waiting")
+
+    def __init__(
+        self, fileno: int, deadlines: Deadlines, waiting: WaitingForHead, closes: Closes
+    ) -> None:
+        super().__init__(fileno=fileno)
+        self._deadlines = deadlines
+        self._waiting = waiting
+        self._closes = closes
+        self._closed_by: str | None = None
+        self._phase = HEAD
+        self._deadline = time.monotonic() + deadlines.head
+        waiting.add(self)
+
+    @property
+    def closed_by(self) -> str | None:
+        """Why the server shut this connection down (a `REASONS` entry), or None."""
+        return self._closed_by
+
+    def request_started(self) -> None:
+        """The head is in: the body's deadline starts."""
+        self._waiting.discard(self)
+        self._phase = BODY
+        self._deadline = time.monotonic() + self._deadlines.body
+
+    def request_finished(self) -> None:
+        """The response is out: the wait for the next request starts."""
+        self._phase = IDLE
+        self._deadline = time.monotonic() + self._deadlines.idle
+        self._waiting.add(self)
+
+    def connection_ended(self) -> None:
+        self._waiting.discard(self)
+
+    def close_for(self, reason: str) -> None:
+        """Shut the connection down, counted under `reason`; once only."""
+        if self._closed_by is not None:
+            return
+        self._closed_by = reason
+        self._waiting.discard(self)
+        self._closes.closed(reason)
+        # gevent wakes a greenlet waiting on the socket with an error, which _read() turns into
+        # end of input; the peer gets a FIN. OSError: already gone at the peer's end.
+        with contextlib.suppress(OSError):
+            self.shutdown(stdlib_socket.SHUT_RDWR)
+
+    def recv(self, *args):
+        return self._read(super().recv, args, b"")
+
+    def recv_into(self, *args):
+        return self._read(super().recv_into, args, 0)
+
+    def _read(self, read, args, nothing):
+        """`read(*args)` within the phase's deadline; `nothing` (end of input) once the
+        connection is shut down, whether it missed the deadline here or was shed."""
+        if self._closed_by is None:
+            remaining = self._deadline - time.monotonic()
+            if remaining > 0:
+                self.settimeout(remaining)
+                try:
+                    data = read(*args)
+                except TimeoutError:
+                    pass
+                except OSError:
+                    if self._closed_by is None:
+                        raise
+                    return nothing  # shut down from another greenlet while waiting
+                else:
+                    if data and self._phase == IDLE:
+                        self._phase = HEAD
+                        self._deadline = time.monotonic() + self._deadlines.head
+                    return data
+            self.close_for(self._phase)
+        return nothing
+
+    def sendall(self, data, flags=0):
+        if self._phase != WRITE:
+            self._phase = WRITE
+            self._deadline = time.monotonic() + self._deadlines.write
+        if self._closed_by is None:
+            remaining = self._deadline - time.monotonic()
+            if remaining > 0:
+                self.settimeout(remaining)
+                try:
+                    return super().sendall(data, flags)
+                except TimeoutError:
+                    pass
+            self.close_for(WRITE)
+        raise BrokenPipeError(errno.EPIPE, f"connection closed by the server ({self._closed_by})")
