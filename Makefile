@@ -8,15 +8,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench format clean
+.PHONY: run test bench format clean lock up down
 
-# The virtualenv is rebuilt whenever a requirements file changes.
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# The virtualenv holds exactly the locked versions (requirements-dev.lock: the service's
+# requirements.lock and the tools), each checked against its hash; it is rebuilt whenever a
+# lock changes. `make lock` compiles the locks from requirements.txt and requirements-dev.txt.
+$(BIN)/.installed: requirements.lock requirements-dev.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=python3.x)")'
 	@$(PYTHON) -m venv $(VENV) || { echo "cannot create a virtualenv: install python3-venv (Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
 	@touch $@
+
+# Both locks, universal (any platform) with hashes; the runtime pins are the same in both.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11
+lock: $(BIN)/.installed
+	$(UV_COMPILE) requirements.txt -o requirements.lock
+	$(UV_COMPILE) requirements.txt requirements-dev.txt -c requirements.lock -o requirements-dev.lock
 
 run: $(BIN)/.installed
 	$(BIN)/python -m deploy.localpg -- $(BIN)/gunicorn -c gunicorn.conf.py
@@ -46,6 +54,16 @@ bench: $(BIN)/.bench-installed
 	             "macOS: brew install wrk), then run make bench again"; exit 1; \
 	    fi; }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# make up    PostgreSQL, PgBouncer and 3 replicas of the service in containers (compose.yaml),
+#            on a Docker engine started when none answers; make down removes them.
+up: $(BIN)/.installed
+	$(BIN)/python -m deploy.localdocker
+	docker-compose -f compose.yaml up -d --build --scale app=3
+	@for i in 1 2 3; do echo "replica $$i: http://$$(docker-compose -f compose.yaml port --index=$$i app 8000)"; done
+
+down:
+	docker-compose -f compose.yaml down
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .
