@@ -1,14 +1,31 @@
 # syntax=docker/dockerfile:1
-# Build stage: the virtualenv, from wheels only (psycopg2-binary and gevent ship them).
-FROM python:3.11.14-slim-bookworm AS build
+# One base for building and running: Debian bookworm's own Python 3.11, security updates from
+# Debian (the README says why). Where no registry answers, deploy/localdocker.py makes this
+# base with debootstrap.
+FROM debian:bookworm-slim AS base
+# Debian stable moves only by security and point releases; pinning package versions would
+# break the build whenever the archive drops the pinned one.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# Build stage: the virtualenv, exactly the locked versions, each checked against its hash.
+# Wheels only, but for psycogreen, which PyPI has as source alone (pure Python: no compiler).
+FROM base AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-COPY requirements.txt /tmp/requirements.txt
-RUN /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt
+RUN python3 -m venv /opt/venv
+COPY requirements.lock /tmp/requirements.lock
+RUN /opt/venv/bin/pip install --require-hashes --no-deps \
+        --only-binary=:all: --no-binary=psycogreen -r /tmp/requirements.lock
 
-# Final stage: the same base, the virtualenv and the code; no compilers, no root.
-FROM python:3.11.14-slim-bookworm
+# Final stage: the base, the virtualenv and the code; no pip cache, no compilers, no root.
+FROM base
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

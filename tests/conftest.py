@@ -67,6 +67,24 @@ def fresh_database(database_url):
         yield url
 
 
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A Docker engine with `debian:bookworm-slim` in it: the one that answers, or one started
+    for the session and stopped after it (deploy/localdocker.py); the base pulled, or made with
+    debootstrap where no registry answers. Skips, saying why, only where no engine can be had."""
+    from deploy import localdocker
+
+    try:
+        engine = localdocker.Engine.ensure()
+    except localdocker.Unavailable as exc:
+        pytest.skip(f"no Docker engine can be had here: {exc}")
+    try:
+        engine.base_origin = localdocker.base_image()
+        yield engine
+    finally:
+        engine.stop()
+
+
 @pytest.fixture
 def silent_port():
     """A port on 127.0.0.1 where the kernel accepts connections and nothing ever speaks."""
