@@ -59,17 +59,23 @@ workers = settings.web_concurrency
 worker_connections = settings.worker_connections
 # Nothing may be opened before fork: each worker opens its own pool in post_worker_init.
 preload_app = False
-graceful_timeout = 30
+# On SIGTERM a worker serves on for DRAIN_SECONDS while /readyz answers 503, then stops
+# accepting and finishes the requests in flight (service/server/worker.py); the master SIGKILLs
+# a worker still running graceful_timeout after the SIGTERM. 25 s, so that the drain and the
+# requests in flight end before an orchestrator's usual 30 s grace (Kubernetes'
+# terminationGracePeriodSeconds) runs out and it SIGKILLs the lot; `docker stop` waits 10 s
+# unless given `--time 30`.
+graceful_timeout = 25
 # The queue of connections the kernel has accepted and a worker has not yet: a burst of
 # thousands of connects overflows gunicorn's default (2048) and the overflow sees resets. The
 # kernel caps it at net.core.somaxconn (4096 by default): raise that too for larger bursts.
 backlog = 16384
 # How long an idle keep-alive connection may wait for its next request (HTTP_KEEPALIVE_TIMEOUT,
 # 15 s). Under a load of thousands of connections a worker can take seconds to come back to one
-# of them; gunicorn's default (2 s) then closes connections mid-conversation. Idle keep-alive
-# connections also hold a shutdown for up to this long, so it stays well under
-# graceful_timeout. Behind a load balancer whose idle timeout is 60 s, set it to 75. The other
-# deadlines on the wire (head, body, write) are kept by the worker: service/server/connections.py.
+# of them; gunicorn's default (2 s) then closes connections mid-conversation. A stopping worker
+# closes its idle keep-alive connections once its drain is over. Behind a load balancer whose
+# idle timeout is 60 s, set it to 75. The other deadlines on the wire (head, body, write) are
+# kept by the worker: service/server/connections.py.
 keepalive = settings.http_keepalive_timeout
 # Every response byte goes through the socket's sendall, which keeps the write deadline.
 sendfile = False
@@ -104,7 +110,8 @@ logger_class = AppWritesTheAccessLog
 
 
 def on_starting(server):
-    """In the master, before any worker: wait for the database, refuse to start when the
+    """In the master, before any worker: refuse a DRAIN_SECONDS that leaves graceful_timeout no
+    time for the requests in flight, wait for the database, refuse to start when the
     connection budget exceeds the server's max_connections (before the schema is touched),
     then bring the schema up to date.
 
@@ -113,6 +120,7 @@ def on_starting(server):
     import psycopg2
 
     from service.db import budget, schema
+    from service.server.worker import FORCED_STOP_S
 
     # gunicorn installs its signal handlers only after this hook; until then a stop signal
     # would kill the master outright while it waits for the database, skipping the atexit
@@ -129,6 +137,14 @@ def on_starting(server):
             f"gunicorn would run {server.cfg.workers} workers but WEB_CONCURRENCY is "
             f"{settings.web_concurrency}, which sizes the pools and the connection budget: "
             "set WEB_CONCURRENCY instead of gunicorn's --workers"
+        )
+    # The master SIGKILLs a worker graceful_timeout after the SIGTERM, and a worker ends what
+    # still runs FORCED_STOP_S before that: the requests in flight get what the drain leaves.
+    if settings.drain_seconds >= server.cfg.graceful_timeout - FORCED_STOP_S:
+        raise RuntimeError(
+            f"DRAIN_SECONDS={settings.drain_seconds:g} leaves the requests in flight no time: it "
+            f"must be less than gunicorn's graceful_timeout ({server.cfg.graceful_timeout} s) "
+            f"less {FORCED_STOP_S:g} s for a forced stop; lower DRAIN_SECONDS"
         )
     server.log.info("database: %s", settings.safe_database_url)
     wanted = budget.Budget.of(settings)

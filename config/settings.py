@@ -105,6 +105,17 @@ VARIABLES = (
         "seconds a client has to take a whole response, from its first byte",
     ),
     Variable(
+        "DRAIN_SECONDS",
+        float,
+        5.0,
+        0,
+        60,
+        "seconds a worker keeps serving after SIGTERM while /readyz answers 503, so that a load "
+        "balancer stops sending it requests; then it stops accepting and finishes those in "
+        "flight, within gunicorn's graceful_timeout (25 s) of the SIGTERM, of which the drain "
+        "must leave more than 3 s",
+    ),
+    Variable(
         "DB_MAX_CONNECTIONS",
         int,
         20,
@@ -207,6 +218,7 @@ class Settings:
     http_body_timeout: float
     http_keepalive_timeout: int
     http_write_timeout: float
+    drain_seconds: float
     db_max_connections: int
     db_pool_max: int
     db_pool_min: int

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 HOST = "127.0.0.1"
 START_DEADLINE_S = 30.0
-STOP_DEADLINE_S = 35.0  # gunicorn.conf.py's graceful_timeout (30 s) and a margin
+STOP_DEADLINE_S = 35.0  # gunicorn.conf.py's graceful_timeout (25 s) and a margin
 
 T = TypeVar("T")
 
@@ -196,6 +196,9 @@ class Gunicorn:
 
     `env` adds to the test environment, which holds DATABASE_URL and PORT and none of the
     service's other variables, whatever the calling shell has set; it must set WEB_CONCURRENCY.
+    DRAIN_SECONDS is 0 unless `env` sets it: every test stops its server with SIGTERM, and all
+    but tests/test_drain.py are about something other than the drain, which would add its
+    seconds (5 by default) to each stop.
     """
 
     def __init__(self, database_url: str, log_path: Path, **env: str):
@@ -211,6 +214,7 @@ class Gunicorn:
             "DATABASE_URL": database_url,
             "PORT": str(self.port),
             "GUNICORN_CMD_ARGS": f"--bind={HOST}:{self.port}",
+            "DRAIN_SECONDS": "0",
             **env,
         }
         self.proc: subprocess.Popen | None = None

@@ -50,7 +50,7 @@ SERVER_ENV = {
     "DB_POOL_TIMEOUT": "10",
     "DB_STATEMENT_TIMEOUT_MS": "10000",
 }
-GRACEFUL_TIMEOUT_S = 30  # gunicorn.conf.py
+GRACEFUL_TIMEOUT_S = 25  # gunicorn.conf.py
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +211,9 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
             gunicorn.proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             wait_until(lambda: refuses_connections(gunicorn.port), 10, "the listeners to close")
-            # The workers now drain, checking once a second for requests still running: keep
-            # these running for more than one check, so that the workers must wait for them.
+            # The workers now wait for the requests still running (DRAIN_SECONDS is 0 here:
+            # tests/test_drain.py has the drain): keep these running for a while, so that the
+            # workers must wait for them.
             gevent.sleep(1.5)
             assert waiting_on_lock(admin, APP_NAME) == holding
 
@@ -296,7 +297,7 @@ def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection
     ):
         with requests_on_the_lock(gunicorn, fresh_database, admin, in_flight) as clients:
             gunicorn.proc.send_signal(signal.SIGINT)
-            # Well before gunicorn's own timeout (30 s) would SIGKILL a worker stuck in exit.
+            # Well before gunicorn's own timeout (25 s) would SIGKILL a worker stuck in exit.
             code = gunicorn.proc.wait(timeout=10)
         assert len(gevent.joinall(clients, timeout=5)) == in_flight  # each answered or dropped
         wait_until(lambda: not backends(admin, APP_NAME), 10, "the service's connections to close")

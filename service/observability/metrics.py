@@ -53,8 +53,8 @@ POOL_GAUGES = {
 }
 CONNECTIONS_CLOSED = Counter(
     "http_connections_closed",
-    "Client connections the server closed: a deadline missed (head, body, write, idle) or "
-    "shed to free a slot",
+    "Client connections the server closed: a deadline missed (head, body, write, idle), "
+    "shed to free a slot (shed), or idle when a drain ended (drain)",
     ["reason"],
 )
 CHECKOUTS = Counter("db_pool_checkouts", "Connections lent to requests")

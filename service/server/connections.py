@@ -28,6 +28,11 @@ has waited longest for a request head (idle keep-alive, silent, or trickling) is
 `shed`, so that a slot stays free for the next client. Connections whose request is being read
 or served are never shed. An idle keep-alive connection may be closed at any time (RFC 9112
 9.8), and clients retry on a new one.
+
+When a stopping worker's drain is over, it closes the connections that sent no byte of a
+request since they were accepted or last answered, reason `drain`
+(`WaitingForHead.close_idle`): otherwise each would hold the stop until its idle or head
+deadline. A connection whose head is partly in is left to finish it and be answered.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from gevent import socket as gsocket
 
 log = logging.getLogger(__name__)
 
-HEAD, BODY, WRITE, IDLE, SHED = "head", "body", "write", "idle", "shed"
-REASONS = (HEAD, BODY, WRITE, IDLE, SHED)
+HEAD, BODY, WRITE, IDLE, SHED, DRAIN = "head", "body", "write", "idle", "shed", "drain"
+REASONS = (HEAD, BODY, WRITE, IDLE, SHED, DRAIN)
 LOG_EVERY_S = 10.0
 
 
@@ -104,6 +109,15 @@ class WaitingForHead:
     def longest_waiting(self) -> ClientSocket | None:
         return next(iter(self._sockets), None)
 
+    def close_idle(self, reason: str) -> int:
+        """Shut down (`close_for(reason)`) every connection that has sent no byte of a request
+        since it was accepted or last answered; returns how many. Those with part of a head in
+        are left to their head deadline."""
+        idle = [sock for sock in self._sockets if sock.awaiting_request]
+        for sock in idle:
+            sock.close_for(reason)
+        return len(idle)
+
     def __len__(self) -> int:
         return len(self._sockets)
 
@@ -117,7 +131,15 @@ class ClientSocket(gsocket.socket):
     then returns end of input, and a write fails with EPIPE.
     """
 
-    __slots__ = ("_closed_by", "_closes", "_deadline", "_deadlines", "_phase", "_waiting")
+    __slots__ = (
+        "_awaiting_request",
+        "_closed_by",
+        "_closes",
+        "_deadline",
+        "_deadlines",
+        "_phase",
+        "_waiting",
+    )
 
     def __init__(
         self, fileno: int, deadlines: Deadlines, waiting: WaitingForHead, closes: Closes
@@ -128,6 +150,7 @@ class ClientSocket(gsocket.socket):
         self._closes = closes
         self._closed_by: str | None = None
         self._phase = HEAD
+        self._awaiting_request = True
         self._deadline = time.monotonic() + deadlines.head
         waiting.add(self)
 
@@ -135,6 +158,11 @@ class ClientSocket(gsocket.socket):
     def closed_by(self) -> str | None:
         """Why the server shut this connection down (a `REASONS` entry), or None."""
         return self._closed_by
+
+    @property
+    def awaiting_request(self) -> bool:
+        """True until a byte of a request arrives, from accept and from each response's end."""
+        return self._awaiting_request
 
     def request_started(self) -> None:
         """The head is in: the body's deadline starts."""
@@ -145,6 +173,7 @@ class ClientSocket(gsocket.socket):
     def request_finished(self) -> None:
         """The response is out: the wait for the next request starts."""
         self._phase = IDLE
+        self._awaiting_request = True
         self._deadline = time.monotonic() + self._deadlines.idle
         self._waiting.add(self)
 
@@ -185,9 +214,11 @@ class ClientSocket(gsocket.socket):
                         raise
                     return nothing  # shut down from another greenlet while waiting
                 else:
-                    if data and self._phase == IDLE:
-                        self._phase = HEAD
-                        self._deadline = time.monotonic() + self._deadlines.head
+                    if data:
+                        self._awaiting_request = False
+                        if self._phase == IDLE:
+                            self._phase = HEAD
+                            self._deadline = time.monotonic() + self._deadlines.head
                     return data
             self.close_for(self._phase)
         return nothing

@@ -15,14 +15,25 @@ at idle workers is shared between them rather than taken whole by the first one 
 
 gunicorn builds its servers inside `GeventWorker.run()`, from a module-level name; every
 gunicorn worker class defines its own `run()`, and so does this one: it builds its own servers
-and otherwise does what gunicorn 27.0's does (keep-alive, graceful stop, `graceful_timeout`).
-gunicorn is pinned to that minor release (requirements.txt), and tests/test_e2e.py checks the
-graceful stop through real gunicorn.
+and otherwise does what gunicorn 27.0's does (keep-alive, graceful stop, `graceful_timeout`),
+its graceful stop starting with a drain (below). gunicorn is pinned to that minor release
+(requirements.txt), and tests/test_e2e.py and tests/test_drain.py check the graceful stop
+through real gunicorn.
 
 Each accepted connection becomes a `ClientSocket` (service/server/connections.py), which keeps
 the deadlines of its phase (head, body, write, idle) on every read and write; the worker moves
 it from phase to phase around each request. A listener that takes its last free slot sheds the
 connection that has waited longest for a request head.
+
+SIGTERM starts a drain, for a rolling deploy behind a load balancer: at once the app is marked
+draining (`/readyz` answers 503, service/api/health.py) while the worker keeps accepting and
+serving for DRAIN_SECONDS from the signal, each response with `Connection: close` (gunicorn's
+own `handle_request` does that once `alive` is false), so that clients move to new connections,
+which the load balancer sends to ready instances. Then the worker closes its listeners and its
+idle connections and lets the requests in flight finish, up to `graceful_timeout` from the
+signal less `FORCED_STOP_S`; whatever still runs then is ended, and the pool is closed
+(gunicorn.conf.py's `worker_exit`) before the master's SIGKILL at `graceful_timeout`. SIGINT
+and SIGQUIT stay gunicorn's quick stop: no drain.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from functools import partial
 
@@ -39,8 +51,16 @@ from gevent.server import StreamServer
 from gunicorn.workers import ggevent
 
 from config import load_settings
+from service.api import health
 from service.observability import metrics
-from service.server.connections import SHED, ClientSocket, Closes, Deadlines, WaitingForHead
+from service.server.connections import (
+    DRAIN,
+    SHED,
+    ClientSocket,
+    Closes,
+    Deadlines,
+    WaitingForHead,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +68,10 @@ log = logging.getLogger(__name__)
 # also stops at an empty queue and when the worker holds worker_connections connections.
 ACCEPT_BATCH = 100
 CONNECTIONS_PER_ACCEPT = 10
+# What a forced stop needs before the master's SIGKILL: gevent's StreamServer.stop(timeout=1)
+# waits up to 1 s for the handlers, then up to 1 s for those it kills (one waiting on a query
+# may not die), and 1 s is left for the worker's exit (worker_exit closes the pool).
+FORCED_STOP_S = 3.0
 
 
 class BatchAcceptingServer(StreamServer):
@@ -84,15 +108,38 @@ class BatchAcceptingServer(StreamServer):
                 longest.close_for(SHED)  # its greenlet ends at once, freeing its slot
         super().do_handle(client, address)
 
+    def close_idle_connections(self) -> int:
+        """Shut down the connections that have sent no byte of a request since they were
+        accepted or last answered (reason `drain`); returns how many. Their greenlets end at
+        once; a connection partway through a head is left to finish it (or miss its deadline)."""
+        return self.waiting_for_head.close_idle(DRAIN)
+
 
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker (patching, keep-alive, its HTTP parser, graceful stop), whose
-    listeners are `BatchAcceptingServer`s."""
+    listeners are `BatchAcceptingServer`s, and whose graceful stop starts with a drain."""
+
+    # time.monotonic() of the SIGTERM that started the drain; None until then.
+    draining_since: float | None = None
+    drain_seconds = 0.0
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: mark the app draining at once (`/readyz` then answers 503), then stop as
+        gunicorn does (`alive` false); `_stop()` serves on for DRAIN_SECONDS from now.
+
+        A signal handler, run by whichever greenlet is running: it only sets values, and
+        neither logs nor waits. Before the app is loaded there is nothing to mark.
+        """
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            _mark_app_draining()
+        super().handle_exit(sig, frame)
 
     def run(self) -> None:
         if self.cfg.is_ssl:  # gunicorn.conf.py refuses it at start; a ClientSocket is no SSLSocket
             raise RuntimeError("TLS is terminated in front of the service, not by gunicorn")
         settings = load_settings(os.environ)
+        self.drain_seconds = settings.drain_seconds
         deadlines = Deadlines(
             head=settings.http_head_timeout,
             body=settings.http_body_timeout,
@@ -143,18 +190,57 @@ class GeventWorker(ggevent.GeventWorker):
             sock.request_finished()
 
     def _stop(self, servers: list[BatchAcceptingServer]) -> None:
-        """Stop accepting, let the requests in flight finish for up to `graceful_timeout`, then
-        end the rest (gunicorn's own sequence)."""
+        """After a SIGTERM, serve on until DRAIN_SECONDS after it; then (at once for any other
+        stop) close the listeners and the idle connections, and let the requests in flight
+        finish, up to `graceful_timeout` from the stop less `FORCED_STOP_S`; then end the rest
+        (gunicorn's forced stop), so that the pool closes before the master's SIGKILL.
+
+        Meanwhile the master is told every second that the worker is alive (`notify()`)."""
+        stopping_since = time.monotonic() if self.draining_since is None else self.draining_since
+        if self.draining_since is not None and self.drain_seconds:
+            _mark_app_draining()  # again, for a SIGTERM that came while the app was loading
+            self.log.info(
+                "draining: /readyz answers 503; serving until %g s after the SIGTERM",
+                self.drain_seconds,
+            )
+            self._serve_until(stopping_since + self.drain_seconds)
         for server in servers:
             server.close()
-        started = time.time()
-        while time.time() - started <= self.cfg.graceful_timeout:
-            if all(server.pool.free_count() == server.pool.size for server in servers):
-                self.closes.log_if_due(at_exit=True)
-                return
-            self.notify()
-            gevent.sleep(1.0)
-        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
-        for server in servers:
-            server.stop(timeout=1)
+        idle = sum(server.close_idle_connections() for server in servers)
+        in_flight = sum(len(server.pool) for server in servers)
+        self.log.info(
+            "listeners closed; %d idle connections closed, %d connections in flight",
+            idle,
+            in_flight,
+        )
+        finish_by = stopping_since + self.cfg.graceful_timeout - FORCED_STOP_S
+        if not self._finish_in_flight(servers, finish_by):
+            self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+            for server in servers:
+                server.stop(timeout=1)
         self.closes.log_if_due(at_exit=True)
+
+    def _serve_until(self, until: float) -> None:
+        """Serve on, accepting, until `until` (time.monotonic())."""
+        while (remaining := until - time.monotonic()) > 0:
+            self.notify()
+            self.closes.log_if_due()
+            gevent.sleep(min(1.0, remaining))
+
+    def _finish_in_flight(self, servers: list[BatchAcceptingServer], until: float) -> bool:
+        """Wait until the connections of closed listeners end, or `until` (time.monotonic());
+        whether they all did."""
+        for server in servers:
+            while not server.pool.join(timeout=min(1.0, max(0.0, until - time.monotonic()))):
+                if time.monotonic() >= until:
+                    return False
+                self.notify()
+        return True
+
+
+def _mark_app_draining() -> None:
+    """Tell this worker's app that it is draining (service/api/health.py), once it is loaded."""
+    wsgi = sys.modules.get("service.server.wsgi")  # absent until the worker loads the app
+    app = getattr(wsgi, "app", None)
+    if app is not None:
+        app.extensions[health.DRAINING] = True
