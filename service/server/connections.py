@@ -23,6 +23,9 @@ line of its own. The app sees a body cut short, which it refuses (service/app.py
 are counted by reason in `/metrics` (`http_connections_closed_total`) and summed up in one log
 line per worker at most every `LOG_EVERY_S`.
 
+gunicorn writes a response's head alone, then its body: the socket holds the head and sends it
+with the body's first write, one send per response (docs/performance.md).
+
 When a worker takes the last free slot of a listener (WORKER_CONNECTIONS), the connection that
 has waited longest for a request head (idle keep-alive, silent, or trickling) is shed, reason
 `shed`, so that a slot stays free for the next client. Connections whose request is being read
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 HEAD, BODY, WRITE, IDLE, SHED, DRAIN = "head", "body", "write", "idle", "shed", "drain"
 REASONS = (HEAD, BODY, WRITE, IDLE, SHED, DRAIN)
 LOG_EVERY_S = 10.0
+# The largest first write of a response held to leave with the next (a response head).
+HOLD_MAX = 8192
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ class ClientSocket(gsocket.socket):
         "_closes",
         "_deadline",
         "_deadlines",
+        "_held",
         "_phase",
         "_waiting",
     )
@@ -149,6 +155,7 @@ class ClientSocket(gsocket.socket):
         self._waiting = waiting
         self._closes = closes
         self._closed_by: str | None = None
+        self._held = b""
         self._phase = HEAD
         self._awaiting_request = True
         self._deadline = time.monotonic() + deadlines.head
@@ -171,7 +178,9 @@ class ClientSocket(gsocket.socket):
         self._deadline = time.monotonic() + self._deadlines.body
 
     def request_finished(self) -> None:
-        """The response is out: the wait for the next request starts."""
+        """The response is out (a head still held is sent now): the wait for the next request
+        starts."""
+        self.flush()
         self._phase = IDLE
         self._awaiting_request = True
         self._deadline = time.monotonic() + self._deadlines.idle
@@ -224,9 +233,32 @@ class ClientSocket(gsocket.socket):
         return nothing
 
     def sendall(self, data, flags=0):
+        """Send all of `data` within the write deadline, or raise EPIPE having shut the
+        connection down. A response's first write (gunicorn writes the head alone, then the
+        body) is held, up to `HOLD_MAX` bytes, and leaves with the next write, the response's
+        end (`request_finished()`) or `close()`: one send per response instead of two."""
         if self._phase != WRITE:
             self._phase = WRITE
             self._deadline = time.monotonic() + self._deadlines.write
+            if not flags and len(data) <= HOLD_MAX and self._closed_by is None:
+                self._held = bytes(data)
+                return None
+        if self._held:
+            data, self._held = self._held + data, b""
+        return self._send(data, flags)
+
+    def flush(self) -> None:
+        """Send a held response head now."""
+        if self._held:
+            data, self._held = self._held, b""
+            self._send(data, 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # best effort: the connection is ending anyway
+            self.flush()
+        super().close()
+
+    def _send(self, data, flags):
         if self._closed_by is None:
             remaining = self._deadline - time.monotonic()
             if remaining > 0:
