@@ -34,10 +34,12 @@ test: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# make bench   the service against per-request connections, a psycopg 3 peer, its own /healthz
-#              and pgbench, at 50 to 10,000 connections: writes bench/RESULTS.md and results.png
+# make bench   the service against Flask + psycopg 3 (gthread and gevent) and Starlette + asyncpg
+#              with the mix and each route alone, and issue 4's variants (a connection per
+#              request, /healthz, pgbench), at 50, 500 and 5,000 connections: writes
+#              bench/RESULTS.md and results.png (about 1.5 hours)
 # BENCH_ARGS passes flags through, e.g. a quick run:
-#   make bench BENCH_ARGS="--levels 50,500 --duration 5 --rounds 1"
+#   make bench BENCH_ARGS="--workloads mix,create --stacks service,peer-gevent --levels 50 --duration 3 --rounds 1"
 
 BENCH_ARGS ?=
 

@@ -77,6 +77,12 @@ def describe(postgres_version: str) -> dict[str, str]:
                 "psycopg2-binary",
                 "psycopg",
                 "psycopg-pool",
+                "starlette",
+                "uvicorn",
+                "uvicorn-worker",
+                "uvloop",
+                "httptools",
+                "asyncpg",
             )
         ),
         "PostgreSQL": postgres_version,

@@ -1,173 +1,48 @@
-"""Renders a run: `bench/RESULTS.md`, `bench/results.png`, the seed's table and the goals.
+"""Renders a run: `bench/RESULTS.md`, `bench/results.png`, the goals and the seed's table.
 
 `python -m bench.report [FOLDER]` renders a saved results.json again, without measuring.
 Throughput is the rate of answers below 400 ("ok req/s"): a server that answers fast with
-errors does not get credit for them. Little's law uses every answer, as a closed loop does.
-With several rounds, a ratio is taken between the median rounds of its two variants, while
-errors count in every round and the p99 bound must hold in the worst: a slow spell of this
-machine moves one round, not the verdict, and no round's failure is averaged away.
+errors does not get credit for them. Every figure of a table is the median round's (by ok
+req/s), its p99 and CPU included: one round's figures together, not a mix; the spread of the
+rounds is in "Every round". The goals are judged in bench/goals.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
+from bench import goals as judged
+from bench.goals import best_flask_peer, fmt_ratio, ratio
 from bench.results import Cell, Run
+from bench.servers import STACKS
 
-ORDER = ("pooled", "ceiling", "per-request", "peer", "database")
-C10K = 10_000
-LITTLE_FACTOR = 2.5
-
-
-@dataclass(frozen=True)
-class Goal:
-    name: str
-    met: bool | None  # None: not measured in this run
-    detail: str
+ORDER = (*STACKS, "ceiling", "per-request", "database")
+WORKLOAD_ORDER = ("mix", "get", "list", "create", "update", "healthz")
 
 
 # ---------------------------------------------------------------- goals
 
 
-def goals(run: Run) -> list[Goal]:
-    found = [
-        _ratio_goal(run, "per-request", 8.0),
-        _ratio_goal(run, "peer", 1.5),
-        _ratio_goal(run, "ceiling", 0.6),
-    ]
-    return [*found, *_c10k_goals(run)]
+def goals_table(run: Run) -> str:
+    """Issue 18's goals, a row per goal and level."""
+    lines = ["| goal | connections | result | measured |", "|---|---:|---|---|"]
+    for goal in judged.goals(run):
+        level = "" if goal.level is None else f"{goal.level:,}"
+        lines.append(f"| {goal.name} | {level} | {_verdict(goal.met)} | {goal.detail} |")
+    return "\n".join(lines)
 
 
-def _ratio_goal(run: Run, other: str, target: float) -> Goal:
-    """Between median rounds, at every level. A level where either variant lacks a round the
-    run planned counts as missed: what was not measured cannot have met the goal."""
-    name = f"pooled ≥ {target:g} x {other} (ok req/s, at every level)"
-    if not any(cell.variant == other for cell in run.cells):
-        return Goal(name, None, "not measured")
-    met, details = True, []
-    for level in run.levels():
-        short = _short_of_rounds(run, ("pooled", other), level)
-        if short:
-            met = False
-            details.append(f"{short} at {level:,}")
-            continue
-        ratio = _ratio(run.cell("pooled", level).ok_rps, run.cell(other, level).ok_rps)
-        met = met and ratio >= target
-        details.append(f"{_fmt_ratio(ratio)} at {level:,}{_round_ratios(run, other, level)}")
-    return Goal(name, met, ", ".join(details))
+def legacy_goals_table(run: Run) -> str:
+    """Issue 4's goals, a row per goal over every level."""
+    lines = ["| goal | result | measured |", "|---|---|---|"]
+    for goal in judged.legacy_goals(run):
+        lines.append(f"| {goal.name} | {_verdict(goal.met)} | {goal.detail} |")
+    return "\n".join(lines)
 
 
-def _short_of_rounds(run: Run, variants: tuple[str, ...], level: int) -> str:
-    """What is missing at one level ("" when each variant has every round the run planned):
-    a round whose server failed leaves no cell behind."""
-    missing = [
-        f"{name}: {len(run.rounds(name, level))} of {run.planned_rounds} rounds"
-        for name in variants
-        if len(run.rounds(name, level)) < run.planned_rounds
-    ]
-    return f"not measured ({'; '.join(missing)})" if missing else ""
-
-
-def _round_ratios(run: Run, other: str, level: int) -> str:
-    """Round by round, each round's pooled against the same round's other, shown beside the
-    ratio of the median rounds so that a reader sees how far single rounds strayed. Empty for
-    a run of one round."""
-    theirs = {cell.round: cell for cell in run.rounds(other, level)}
-    pairs = [
-        _ratio(cell.ok_rps, theirs[cell.round].ok_rps)
-        for cell in run.rounds("pooled", level)
-        if cell.round in theirs
-    ]
-    if len(pairs) < 2:
-        return ""
-    return f" (rounds: {', '.join(_fmt_ratio(r).removesuffix('x') for r in pairs)})"
-
-
-def _c10k_goals(run: Run) -> list[Goal]:
-    """Judged on every round: errors are summed over the rounds, and each round must keep
-    its p99 within the bound."""
-    cells = run.rounds("pooled", C10K)
-    if not cells:
-        missing = "not measured: run with concurrency 10000"
-        return [Goal(f"at {C10K:,}: {what}", None, missing) for what in _C10K_WHAT]
-    short = _short_of_rounds(run, ("pooled",), C10K)
-    over = f" over {len(cells)} rounds" if len(cells) > 1 else ""
-    tail = f"; {short}" if short else ""
-    errors = {
-        "connect": sum(c.connect_errors for c in cells),
-        "read": sum(c.read_errors for c in cells),
-        "write": sum(c.write_errors for c in cells),
-        "timeout": sum(c.timeouts for c in cells),
-    }
-    kinds = ", ".join(f"{kind} {n}" for kind, n in errors.items())
-    socket_errors = sum(c.socket_errors for c in cells)
-    non_2xx = sum(c.non_2xx for c in cells)
-    return [
-        Goal(
-            f"at {C10K:,}: {_C10K_WHAT[0]}",
-            not short and socket_errors == 0,
-            f"{socket_errors}{over} ({kinds}){tail}",
-        ),
-        Goal(f"at {C10K:,}: {_C10K_WHAT[1]}", not short and non_2xx == 0, f"{non_2xx}{over}{tail}"),
-        _fair_wait_goal(cells, short, tail),
-    ]
-
-
-def _fair_wait_goal(cells: list[Cell], short: str, tail: str) -> Goal:
-    """p99 within LITTLE_FACTOR times Little's mean wait in every round, shown for the round
-    where it stands highest against its own bound. A round that answered nothing has no p99
-    and fails."""
-    worst = max(cells, key=_p99_over_little)
-    ratio = _p99_over_little(worst)
-    name = f"at {C10K:,}: {_C10K_WHAT[2]}"
-    which = f" (the worst of {len(cells)} rounds: round {worst.round})" if len(cells) > 1 else ""
-    if math.isinf(ratio):
-        return Goal(name, False, f"round {worst.round} answered nothing")
-    loose = (
-        f"; but {worst.listen_overflows:,} connection attempts overflowed the accept queue in "
-        "that round, so fewer than 10,000 connections were in service at once and the bound "
-        "is loose"
-        if worst.listen_overflows
-        else ""
-    )
-    wait = little_wait_ms(worst)
-    return Goal(
-        name,
-        not short and ratio <= LITTLE_FACTOR,
-        f"p99 {worst.p99_ms:,.0f} ms vs {LITTLE_FACTOR:g} x {wait:,.0f} ms = "
-        f"{LITTLE_FACTOR * wait:,.0f} ms (ratio {ratio:.2f}){which}{loose}{tail}",
-    )
-
-
-def _p99_over_little(cell: Cell) -> float:
-    if not cell.rps or not cell.requests or math.isnan(cell.p99_ms):
-        return math.inf
-    return cell.p99_ms / little_wait_ms(cell)
-
-
-_C10K_WHAT = (
-    "zero socket errors",
-    "zero non-2xx",
-    f"p99 ≤ {LITTLE_FACTOR:g} x 10,000 / req/s",
-)
-
-
-def little_wait_ms(cell: Cell) -> float:
-    """The mean time in the system that Little's law gives a closed loop: N / throughput."""
-    return cell.concurrency / cell.rps * 1000 if cell.rps else math.inf
-
-
-def _ratio(ours: float, theirs: float) -> float:
-    """Infinite when only ours served any; 0 when ours served none, whatever theirs did."""
-    if not ours:
-        return 0.0
-    return ours / theirs if theirs else math.inf
-
-
-def _fmt_ratio(ratio: float) -> str:
-    return "∞ (it served none)" if math.isinf(ratio) else f"{ratio:.2f}x"
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[met]
 
 
 # ---------------------------------------------------------------- the seed's table
@@ -202,24 +77,25 @@ def before_after(run: Run) -> str:
             "~20",
             _most_served(run, "per-request"),
             "500+",
-            _most_served(run, "pooled"),
+            _most_served(run, "service"),
         ),
         (
             "Server backends and their memory (peak)",
             '"high"',
             _memory(run, "per-request"),
             '"stable"',
-            _memory(run, "pooled"),
+            _memory(run, "service"),
         ),
     ]
-    head = "| | seed: before | measured: per-request | seed: after | measured: pooled |"
+    head = "| | seed: before | measured: per-request | seed: after | measured: service |"
     lines = [head, "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _most_served(run: Run, variant: str) -> str:
-    """The highest level served in every round, with the highest p99 of its rounds."""
+    """With GET /users/<id>: the highest level served in every round, with the highest p99 of
+    its rounds."""
     levels = [level for level in run.levels() if run.rounds(variant, level)]
     if not levels:
         return "not measured"
@@ -243,7 +119,7 @@ def counts_as_served(cell: Cell) -> bool:
 
 
 def _memory(run: Run, variant: str) -> str:
-    """At each level, the round that peaked at the most backends."""
+    """With GET /users/<id>, at each level, the round that peaked at the most backends."""
     peaks = [
         max(cells, key=lambda c: (c.peak_connections, c.rss_mb))
         for cells in (run.rounds(variant, level) for level in run.levels())
@@ -266,11 +142,12 @@ def markdown(run: Run, image_name: str) -> str:
         "# Benchmark results",
         "",
         f"Measured {run.date} with `{run.command}` (from the repository root; `make bench` "
-        "runs the same with every level).",
+        "runs the same with the default of every flag).",
         "",
         "**The load generator (wrk or pgbench), the server under test and PostgreSQL share "
-        "the same 2 cores**, so every figure is a lower bound of what the server does alone; "
-        "compare the variants with each other, not with other machines.",
+        "the same 2 cores**, so every figure is a lower bound of what the server does alone, "
+        "and a stack that spends less CPU per request leaves more of the two cores to "
+        "PostgreSQL and wrk; compare the stacks with each other, not with other machines.",
         _others_note(run),
         "",
         "## Machine",
@@ -281,28 +158,43 @@ def markdown(run: Run, image_name: str) -> str:
         "",
         *[f"- {key}: {value}" for key, value in run.settings.items()],
         "",
-        "Variants:",
-        "",
-        *[f"- **{name}**: {what}" for name, what in run.variants.items()],
-        "",
-        "## Before vs After",
-        "",
-        before_after(run),
-        "",
+        *_listed("Stacks:", run.variants),
+        *_listed("Workloads:", run.workloads),
         "## Goals",
+        "",
+        "From the median rounds, at each level. The best Flask peer is the faster of "
+        "peer-gthread and peer-gevent at that level.",
         "",
         goals_table(run),
         "",
         *_failures(run),
-        "## Throughput (ok req/s) by variant and concurrency",
+        "## Throughput and p99 by workload",
         "",
         _rounds_note(run),
         "",
-        _matrix(run),
+        f"![ok req/s against concurrency, a panel per workload]({image_name})",
         "",
-        f"![throughput and p99 against concurrency]({image_name})",
+    ]
+    for workload in _workloads(run, STACKS):
+        parts += [f"### {workload}", "", _workload_table(run, workload), ""]
+        parts += [_errors_note(run, workload), ""]
+    parts += [
+        "## CPU per request",
         "",
-        "## Each variant",
+        "Milliseconds of CPU per request answered, of the server (gunicorn and all its "
+        "workers) / of PostgreSQL (postmaster and all backends), in the median round.",
+        "",
+    ]
+    for workload in _workloads(run, STACKS):
+        parts += [f"### {workload}", "", _cpu_table(run, workload), ""]
+    parts += [
+        "## Issue 4: GET /users/<id> against a connection per request, /healthz, pgbench",
+        "",
+        legacy_goals_table(run),
+        "",
+        before_after(run),
+        "",
+        "## Every round",
         "",
         "Socket errors are wrk's connect / read / write / timeout counts; non-2xx counts "
         "answers of 400 and above (for the database: failed transactions). Peak server "
@@ -316,12 +208,20 @@ def markdown(run: Run, image_name: str) -> str:
         "queue was full (TcpExt ListenOverflows): the client retries its SYN 1, 3, 7 s later.",
         "",
     ]
+    for workload in _workloads(run, ORDER):
+        parts += [f"### {workload}", "", _rounds_table(run, workload), ""]
+    parts += ["## Server logs", "", "Over all levels, rounds and workloads.", ""]
     for name in _variants(run):
-        parts += [f"### {name}", "", _variant_table(run, name), ""]
         if name in run.server_logs:
             counts = ", ".join(f"{key}: {n}" for key, n in run.server_logs[name].items())
-            parts += [f"Server log over all levels and rounds: {counts}.", ""]
-    return "\n".join(parts)
+            parts.append(f"- **{name}**: {counts}")
+    return "\n".join(parts) + "\n"
+
+
+def _listed(title: str, items: dict[str, str]) -> list[str]:
+    if not items:
+        return []
+    return [title, "", *[f"- **{name}**: {what}" for name, what in items.items()], ""]
 
 
 def _others_note(run: Run) -> str:
@@ -331,19 +231,20 @@ def _others_note(run: Run) -> str:
     return (
         f"Processes outside the bench (other people's work on this machine) used "
         f"{sum(loads) / len(loads):.2f} cores on average while the cells were measured, "
-        f'{max(loads):.2f} at most (column "others\' load" below).'
+        f'{max(loads):.2f} at most (column "others\' load" in "Every round").'
     )
 
 
 def _rounds_note(run: Run) -> str:
     if run.planned_rounds < 2:
-        return "One round per variant and level."
+        return "One round per stack, workload and level."
     return (
-        f"Each HTTP variant ran {run.planned_rounds} rounds at each level, the variants taking "
-        "turns within a round (in an order that shifts by one each round), each round on a "
-        "fresh server. A cell shows the median round and, in brackets, the slowest and the "
-        "fastest round; the ratios of the goals are taken between median rounds, which may "
-        "be different rounds of the two variants (a level's rounds span several minutes)."
+        f"Each stack ran {run.planned_rounds} rounds at each level, the stacks taking turns "
+        "within a round (in an order that shifts by one each round), each round on a fresh "
+        "server that served the workloads in turn (their order shifting too). A cell shows "
+        "the median round; the ratios are taken between median rounds, which may be "
+        "different rounds of the two stacks (a level's rounds span several minutes). The "
+        "plot's band spans the slowest to the fastest round."
     )
 
 
@@ -353,7 +254,7 @@ def _failures(run: Run) -> list[str]:
     return [
         "## Failed",
         "",
-        "A variant that failed was not run again in this run; its missing rounds count as "
+        "A stack that failed was not run again in this run; its missing rounds count as "
         "missed goals.",
         "",
         *[f"- {failure}" for failure in run.failures],
@@ -361,63 +262,89 @@ def _failures(run: Run) -> list[str]:
     ]
 
 
-def goals_table(run: Run) -> str:
-    lines = ["| goal | result | measured |", "|---|---|---|"]
-    for goal in goals(run):
-        verdict = {True: "met", False: "**missed**", None: "not measured"}[goal.met]
-        lines.append(f"| {goal.name} | {verdict} | {goal.detail} |")
+def _workload_table(run: Run, workload: str) -> str:
+    """Rows: levels; columns: each stack's ok req/s and p99, then the service's ratios."""
+    stacks = [name for name in STACKS if _has(run, name, workload)]
+    head = "| connections | " + " | ".join(f"{n} req/s | {n} p99 ms" for n in stacks)
+    head += " | service / best Flask peer | service / asyncio |"
+    lines = [head, "|---:|" + "---:|---:|" * len(stacks) + "---:|---:|"]
+    for level in run.levels():
+        row = [f"{level:,}"]
+        for name in stacks:
+            cell = run.cell(name, level, workload)
+            row += [f"{cell.ok_rps:,.0f}", _ms(cell.p99_ms)] if cell else ["", ""]
+        ours = run.cell("service", level, workload)
+        peer = best_flask_peer(run, level, workload)
+        versus_peer = fmt_ratio(ratio(ours, peer))
+        if versus_peer:
+            versus_peer += f" ({peer.variant})"
+        row += [versus_peer, fmt_ratio(ratio(ours, run.cell("asyncio", level, workload)))]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def _matrix(run: Run) -> str:
-    levels = run.levels()
-    lines = [
-        "| variant | " + " | ".join(f"{level:,}" for level in levels) + " |",
-        "|---|" + "---:|" * len(levels),
+def _errors_note(run: Run, workload: str) -> str:
+    """Every round of the four stacks with a socket error or an answer of 400 and above."""
+    troubled = [
+        c
+        for c in run.cells
+        if c.workload == workload and c.variant in STACKS and (c.socket_errors or c.non_2xx)
     ]
-    for name in _variants(run):
-        row = []
-        for level in levels:
-            cell, rounds = run.cell(name, level), run.rounds(name, level)
-            spread = sorted(c.ok_rps for c in rounds)
-            text = f"{cell.ok_rps:,.0f}" if cell else ""
-            if len(spread) > 1:
-                text += f" ({spread[0]:,.0f} to {spread[-1]:,.0f})"
-            row.append(text)
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    if not troubled:
+        return "No socket error and no answer of 400 or above in any round."
+    listed = "; ".join(
+        f"{c.variant} at {c.concurrency:,} round {c.round}: non-2xx {c.non_2xx:,}, socket "
+        f"errors {c.connect_errors}/{c.read_errors}/{c.write_errors}/{c.timeouts}"
+        for c in sorted(troubled, key=lambda c: (ORDER.index(c.variant), c.concurrency, c.round))
+    )
+    return f"Errors (socket errors c/r/w/t): {listed}."
+
+
+def _cpu_table(run: Run, workload: str) -> str:
+    stacks = [name for name in STACKS if _has(run, name, workload)]
+    lines = [
+        "| connections | " + " | ".join(f"{name} server / db" for name in stacks) + " |",
+        "|---:|" + "---:|" * len(stacks),
+    ]
+    for level in run.levels():
+        row = [f"{level:,}"]
+        for name in stacks:
+            cell = run.cell(name, level, workload)
+            row.append(_cpu_ms(cell, (cell.cpu.server_s, cell.cpu.database_s)) if cell else "")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def _variant_table(run: Run, name: str) -> str:
+def _rounds_table(run: Run, workload: str) -> str:
     lines = [
-        "| concurrency | round | req/s | ok req/s | p50 ms | p99 ms | socket errors c/r/w/t "
-        "| non-2xx | peak server conns | backend RSS MB (private) "
+        "| stack | concurrency | round | req/s | ok req/s | p50 ms | p99 ms "
+        "| socket errors c/r/w/t | non-2xx | peak server conns | backend RSS MB (private) "
         "| CPU ms/req server / db / load | others' load (cores) | listen overflows |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
-    cells = (c for c in run.cells if c.variant == name)
-    for cell in sorted(cells, key=lambda c: (c.concurrency, c.round)):
+    cells = (c for c in run.cells if c.workload == workload)
+    for cell in sorted(cells, key=lambda c: (ORDER.index(c.variant), c.concurrency, c.round)):
         level = f"{cell.concurrency:,}"
         if cell.clients is not None:
             level += f" ({cell.clients} clients)"
-        median = len(run.rounds(name, cell.concurrency)) > 1 and cell is run.cell(
-            name, cell.concurrency
-        )
+        rounds = run.rounds(cell.variant, cell.concurrency, workload)
+        median = len(rounds) > 1 and cell is run.cell(cell.variant, cell.concurrency, workload)
         round_ = f"{cell.round} (median)" if median else f"{cell.round}"
-        cpu = " / ".join(
-            "-" if math.isnan(ms) else f"{ms:.2f}"
-            for ms in map(
-                cell.cpu_ms_per_request, (cell.cpu.server_s, cell.cpu.database_s, cell.cpu.load_s)
-            )
-        )
+        cpu = _cpu_ms(cell, (cell.cpu.server_s, cell.cpu.database_s, cell.cpu.load_s))
         lines.append(
-            f"| {level} | {round_} | {cell.rps:,.0f} | {cell.ok_rps:,.0f} | {_ms(cell.p50_ms)} "
-            f"| {_ms(cell.p99_ms)} | {cell.connect_errors}/{cell.read_errors}/"
-            f"{cell.write_errors}/{cell.timeouts} | {cell.non_2xx:,} "
+            f"| {cell.variant} | {level} | {round_} | {cell.rps:,.0f} | {cell.ok_rps:,.0f} "
+            f"| {_ms(cell.p50_ms)} | {_ms(cell.p99_ms)} | {cell.connect_errors}/"
+            f"{cell.read_errors}/{cell.write_errors}/{cell.timeouts} | {cell.non_2xx:,} "
             f"| {cell.peak_connections} | {cell.rss_mb:,.0f} ({cell.anon_mb:,.0f}) "
             f"| {cpu} | {cell.cpu.other_cores:.2f} | {cell.listen_overflows:,} |"
         )
     return "\n".join(lines)
+
+
+def _cpu_ms(cell: Cell, seconds: tuple[float, ...]) -> str:
+    return " / ".join(
+        "-" if math.isnan(ms) else f"{ms:.2f}" for ms in map(cell.cpu_ms_per_request, seconds)
+    )
 
 
 def _ms(value: float) -> str:
@@ -426,9 +353,19 @@ def _ms(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def _has(run: Run, variant: str, workload: str) -> bool:
+    return any((c.variant, c.workload) == (variant, workload) for c in run.cells)
+
+
 def _variants(run: Run) -> list[str]:
     present = {cell.variant for cell in run.cells}
     return [name for name in ORDER if name in present]
+
+
+def _workloads(run: Run, variants: tuple[str, ...]) -> list[str]:
+    """The workloads that any of `variants` ran, in the report's order."""
+    present = {cell.workload for cell in run.cells if cell.variant in variants}
+    return [name for name in WORKLOAD_ORDER if name in present]
 
 
 # ---------------------------------------------------------------- results.png
@@ -443,38 +380,54 @@ def write(run: Run, out: Path) -> None:
 
 
 def plot(run: Run, path: Path) -> None:
-    """Throughput and p99 against concurrency (log scale), one line per variant."""
+    """A panel per workload: ok req/s of the median round against concurrency (log scale),
+    one line per stack, a band from its slowest to its fastest round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for name in _variants(run):
-        levels = [level for level in run.levels() if run.cell(name, level)]
-        cells = [run.cell(name, level) for level in levels]
-        (line,) = left.plot(levels, [c.ok_rps for c in cells], marker="o", label=name)
-        right.plot(levels, [c.p99_ms for c in cells], marker="o", label=name)
-        spread = [sorted(c.ok_rps for c in run.rounds(name, level)) for level in levels]
-        if any(len(rounds) > 1 for rounds in spread):
-            low, high = [r[0] for r in spread], [r[-1] for r in spread]
-            shown = [value > 0 for value in low]  # a log axis has no place for 0
-            left.fill_between(levels, low, high, where=shown, color=line.get_color(), alpha=0.15)
-    left.set(
-        title="Throughput (answers < 400 per s): median round, band: all rounds",
-        ylabel="ok req/s",
-        yscale="log",
-    )
-    right.set(title="p99 latency of the median round", ylabel="ms", yscale="log")
-    for axes in (left, right):
-        axes.set(xscale="log", xlabel="concurrent connections")
+    workloads = _workloads(run, STACKS) or ["mix"]
+    columns = min(3, len(workloads) + 1)
+    rows = math.ceil((len(workloads) + 1) / columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    panels = list(grid.flat)
+    handles = {}
+    for axes, workload in zip(panels, workloads, strict=False):
+        for name in STACKS:
+            levels = [level for level in run.levels() if run.cell(name, level, workload)]
+            if not levels:
+                continue
+            cells = [run.cell(name, level, workload) for level in levels]
+            color = f"C{STACKS.index(name)}"  # a stack's colour is the same in every panel
+            (line,) = axes.plot(
+                levels, [c.ok_rps for c in cells], marker="o", color=color, label=name
+            )
+            handles[name] = line
+            spread = [sorted(c.ok_rps for c in run.rounds(name, lv, workload)) for lv in levels]
+            if any(len(rounds) > 1 for rounds in spread):
+                low, high = [r[0] for r in spread], [r[-1] for r in spread]
+                axes.fill_between(levels, low, high, color=color, alpha=0.15)
+        axes.set(title=workload, xscale="log", xlabel="concurrent connections", ylabel="ok req/s")
+        axes.set_ylim(bottom=0)
         axes.set_xticks(run.levels(), [f"{level:,}" for level in run.levels()])
         axes.xaxis.set_minor_formatter(ticker.NullFormatter())
         axes.grid(True, which="both", alpha=0.3)
-        axes.legend()
+    legend = panels[len(workloads)]
+    legend.axis("off")
+    shown = [name for name in STACKS if name in handles]
+    legend.legend(
+        [handles[name] for name in shown],
+        shown,
+        loc="center",
+        title="stack (median round; band: all rounds)",
+    )
+    for axes in panels[len(workloads) + 1 :]:
+        axes.axis("off")
     figure.suptitle(
-        "2 gunicorn workers, pool 10 per worker; wrk, servers and PostgreSQL on 2 cores"
+        "ok req/s by workload: 2 workers, pool 10 per worker; wrk, servers and PostgreSQL "
+        "share 2 cores"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -1,8 +1,8 @@
 """The figures of one bench run, as measured: what the report is rendered from.
 
 Kept as `bench/results.json` beside the report, so that every number in RESULTS.md can be
-traced back to one run. A run measures each variant at each level in several rounds; every
-round is kept, and the report judges by the median round.
+traced back to one run. A run measures each variant (a stack) with each workload at each level
+in several rounds; every round is kept, and the report judges by the median round.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from bench.wrk import WrkResult
 
 @dataclass(frozen=True)
 class Cell:
-    """One variant at one concurrency. For the database variant the "requests" are pgbench
-    transactions, `non_2xx` counts failed transactions and `clients` its connections."""
+    """One variant with one workload at one concurrency, in one round. For the database
+    variant the "requests" are pgbench transactions, `non_2xx` counts failed transactions and
+    `clients` its connections."""
 
     variant: str
     concurrency: int
@@ -43,6 +44,7 @@ class Cell:
     listen_overflows: int  # connections the kernel dropped from full accept queues meanwhile
     clients: int | None = None
     round: int = 1  # which round of the run measured it, from 1
+    workload: str = "get"  # bench/workloads.py
 
     @property
     def socket_errors(self) -> int:
@@ -66,6 +68,7 @@ class Cell:
         cpu: CpuUse,
         listen_overflows: int,
         round_: int = 1,
+        workload: str = "get",
     ) -> Cell:
         return cls(
             variant=variant,
@@ -86,6 +89,7 @@ class Cell:
             cpu=cpu,
             listen_overflows=listen_overflows,
             round=round_,
+            workload=workload,
         )
 
     @classmethod
@@ -122,6 +126,7 @@ class Run:
     machine: dict[str, str]
     settings: dict[str, str]
     variants: dict[str, str]  # name: what it is
+    workloads: dict[str, str] = field(default_factory=dict)  # name: what it asks for
     connect_times: ConnectTimes | None = None
     cells: list[Cell] = field(default_factory=list)
     planned_rounds: int = 1  # of each HTTP variant at each level
@@ -129,15 +134,16 @@ class Run:
     server_logs: dict[str, dict[str, int]] = field(default_factory=dict)  # variant: counts
     logs_folder: str = ""
 
-    def rounds(self, variant: str, concurrency: int) -> list[Cell]:
-        """Every round of one variant at one level, in the order they ran."""
-        return [c for c in self.cells if (c.variant, c.concurrency) == (variant, concurrency)]
+    def rounds(self, variant: str, concurrency: int, workload: str = "get") -> list[Cell]:
+        """Every round of one variant and workload at one level, in the order they ran."""
+        key = (variant, concurrency, workload)
+        return [c for c in self.cells if (c.variant, c.concurrency, c.workload) == key]
 
-    def cell(self, variant: str, concurrency: int) -> Cell | None:
+    def cell(self, variant: str, concurrency: int, workload: str = "get") -> Cell | None:
         """The median round by ok req/s (the run makes an odd number of rounds; of an even
         number, left by a failure, the slower middle one). One round's figures together: its
         p99 is that round's p99, not a mix."""
-        found = sorted(self.rounds(variant, concurrency), key=lambda c: c.ok_rps)
+        found = sorted(self.rounds(variant, concurrency, workload), key=lambda c: c.ok_rps)
         return found[(len(found) - 1) // 2] if found else None
 
     def levels(self) -> list[int]:
@@ -154,6 +160,13 @@ class Run:
         cells = data.pop("cells")
         # Saved before the plan was kept: as many rounds as it holds (1 before rounds existed).
         data.setdefault("planned_rounds", max((c.get("round", 1) for c in cells), default=1))
+        # Saved before issue 18: one workload per variant, and the stacks' old names.
+        data["variants"] = {_RENAMED.get(k, k): v for k, v in data["variants"].items()}
+        server_logs = data.get("server_logs", {})
+        data["server_logs"] = {_RENAMED.get(k, k): v for k, v in server_logs.items()}
+        for cell in cells:
+            cell.setdefault("workload", "healthz" if cell["variant"] == "ceiling" else "get")
+            cell["variant"] = _RENAMED.get(cell["variant"], cell["variant"])
         run = cls(**data)
         if times is not None:
             run.connect_times = ConnectTimes(**{k: Timing(**v) for k, v in times.items()})
@@ -164,6 +177,9 @@ class Run:
             nan = {k: math.nan for k in ("p50_ms", "p99_ms") if cell[k] is None}
             run.cells.append(Cell(**{**cell, **nan}))
         return run
+
+
+_RENAMED = {"pooled": "service", "peer": "peer-gthread"}
 
 
 def _finite(value):

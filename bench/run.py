@@ -1,22 +1,24 @@
-"""`python -m bench.run`: every variant at every concurrency level, level by level.
+"""`python -m bench.run`: every stack with every workload at every concurrency level.
 
-Starts a throwaway PostgreSQL with seeded users and measures what a connection costs against a
-pooled checkout. Then, at each concurrency level in turn, it measures every variant: an HTTP
-variant on a gunicorn started for it, warmed up, then loaded with wrk while the server
-connections are sampled; the database variant with pgbench. Level by level, so that the
-variants a ratio compares run within minutes of each other: this machine's speed drifts
-by up to 30% over minutes, and measured variant by variant (all levels of one, then the next),
-a slow spell fell on one variant's whole row and moved every ratio with it.
+Starts a throwaway PostgreSQL with seeded users (once: the creates grow the table through the
+run) and measures what a connection costs against a pooled checkout. Then, at each
+concurrency level in turn, it measures every variant: an HTTP variant on a gunicorn started
+for it, which serves each of the round's workloads in turn (bench/workloads.py), each warmed up,
+then loaded with wrk while the server connections and the CPU of the server and of PostgreSQL
+are sampled; the database variant with pgbench. Level by level, so that the variants a ratio
+compares run within minutes of each other: this machine's speed drifts by up to 30% over
+minutes, and measured variant by variant (all levels of one, then the next), a slow spell fell
+on one variant's whole row and moved every ratio with it.
 
 Within a level, the HTTP variants take turns in rounds (5 by default), each round in an order
-shifted by one, and the report judges by the median round. With one round, a slow spell that
-fell on one cell decided a goal: of eleven one-round runs, three missed pooled >= 1.5 x peer in
-one cell while their other cells met it by a wide margin. The rounds of a level span several
-minutes, so the medians compared can be minutes apart; the report lists each round's own
-ratio beside them. pgbench, which no goal compares with, runs once per level.
+shifted by one, and within a variant's turn the workloads too, and the report judges by the
+median round. With one round, a slow spell that fell on one cell decided a goal: of eleven
+one-round runs, three missed pooled >= 1.5 x peer in one cell while their other cells met it by
+a wide margin. The rounds of a level span several minutes, so the medians compared can be
+minutes apart. pgbench, which no goal compares with, runs once per level.
 
-Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the seed's
-"Before vs After" table and the goals. Installs nothing: `make bench` installs wrk.
+Writes bench/RESULTS.md, bench/results.png and bench/results.json, and prints the goals of
+issue 18 and of issue 4. Installs nothing: `make bench` installs wrk.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python bench/run.py`: make `bench` importable
@@ -42,12 +45,15 @@ from bench import connect_time, database, host, pgbench, report, servers, wrk
 from bench.backends import BackendSampler
 from bench.cpu import CpuMeter
 from bench.results import Cell, Run
+from bench.workloads import DEFAULT as DEFAULT_WORKLOADS
+from bench.workloads import WORKLOADS
 from deploy.localpg import LocalPostgres
 
 HERE = Path(__file__).resolve().parent
-LEVELS = (50, 500, 5000, 10_000)
-VARIANTS = ("pooled", "ceiling", "per-request", "peer", "database")
-DURATION_S = 15
+LEVELS = (50, 500, 5000)
+# The four stacks of issue 18, then issue 4's variants, each with its one workload.
+VARIANTS = (*servers.STACKS, "ceiling", "per-request", "database")
+DURATION_S = 10
 ROUNDS = 5
 USERS = 10_000
 # Enough for the per-request variant up to 1,000 requests in flight (10 times PostgreSQL's
@@ -57,13 +63,16 @@ MAX_CONNECTIONS = 1000
 WARMUP_S = 2
 WARMUP_CONNECTIONS = 50
 PAUSE_S = 2.0  # between two levels: let closed sockets and exiting backends settle
+DRAIN_DEADLINE_S = 30.0  # for a server to close the connections of the workload before
+# What a server costs beside its workloads' load, start and stop, for the estimate of a run.
+SERVER_OVERHEAD_S = 10
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         wrk.find_wrk()
-        if "database" in args.variants:
+        if "database" in args.stacks:
             database.pgbench_path()
     except (wrk.WrkError, RuntimeError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -92,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         run.connect_times = connect_time.measure(dsn)
         logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
         run.logs_folder = str(logs)
+        print(f"bench: {_estimate(args)}", flush=True)
         for level in args.levels:
-            for round_, name in turns(args.variants, args.rounds):
+            for round_, name, workloads in turns(args.stacks, args.workloads, args.rounds):
                 if name in failed:
                     continue
                 try:
                     if name == "database":
                         _run_pgbench(server, sampler, args, level, run.cells)
                     else:
-                        _run_http(name, level, round_, dsn, server.pid, sampler, args, logs, run)
+                        at = Turn(name, workloads, level, round_)
+                        _run_http(at, dsn, server.pid, sampler, args, logs, run)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     print(f"bench: {name} failed, going on without it: {exc}", file=sys.stderr)
                     failed.append(name)
@@ -112,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     report.write(run, args.out)
     print()
-    print(report.before_after(run))
-    print()
     print(report.goals_table(run))
+    print()
+    print(report.legacy_goals_table(run))
     print(f"\nbench: wrote {args.out / 'RESULTS.md'} and {args.out / 'results.png'}")
     print(f"bench: the servers' logs are kept in {run.logs_folder}")
     if failed:
-        print(f"bench: these variants failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"bench: these stacks failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
@@ -132,7 +143,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="concurrency levels, comma separated (default: %(default)s)",
     )
     parser.add_argument(
-        "--duration", type=int, default=DURATION_S, help="seconds per round (default: %(default)s)"
+        "--duration",
+        type=int,
+        default=DURATION_S,
+        help="seconds of load per workload, stack, level and round (default: %(default)s)",
     )
     parser.add_argument(
         "--rounds",
@@ -142,10 +156,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--variants",
-        type=_variant_list,
+        "--workloads",
+        type=_workload_list,
+        default=",".join(DEFAULT_WORKLOADS),
+        help="comma separated, of the four stacks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--stacks",
+        type=_stack_list,
         default=",".join(VARIANTS),
-        help="comma separated (default: %(default)s)",
+        help="comma separated; ceiling (GET /healthz), per-request (GET /users/<id>) and "
+        "database (pgbench) serve their one workload whatever --workloads says "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--users", type=int, default=USERS, help="users seeded (default: %(default)s)"
@@ -166,17 +188,49 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def turns(variants: list[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, variant) in the order one level measures them: the HTTP variants round after
-    round, each round's order starting one further along, so that no variant always runs first
-    on a fresh level, or always last; then pgbench once."""
+@dataclass(frozen=True)
+class Turn:
+    """One HTTP variant's turn in one round of one level: a server started for it serves
+    `workloads` in this order."""
+
+    name: str
+    workloads: tuple[str, ...]
+    level: int
+    round: int
+
+
+def turns(
+    variants: list[str], workloads: list[str], rounds: int
+) -> list[tuple[int, str, tuple[str, ...]]]:
+    """(round, variant, its workloads in order) as one level measures them: the HTTP variants
+    round after round, each round's order starting one further along, and so the workloads
+    within a turn, so that no variant and no workload always runs first on a fresh level or a
+    fresh server, or always last; then pgbench once. A variant of issue 4 serves its one
+    workload."""
     http = [name for name in variants if name != "database"]
-    order = [
-        (round_, http[(round_ - 1 + i) % len(http)])
-        for round_ in range(1, rounds + 1)
-        for i in range(len(http))
-    ]
-    return [*order, (1, "database")] if "database" in variants else order
+    order = []
+    for round_ in range(1, rounds + 1):
+        for i in range(len(http)):
+            name = http[(round_ - 1 + i) % len(http)]
+            fixed = servers.HTTP_VARIANTS[name].workload
+            ours = [fixed] if fixed else _shifted(workloads, round_ - 1)
+            order.append((round_, name, tuple(ours)))
+    return [*order, (1, "database", ("get",))] if "database" in variants else order
+
+
+def _shifted(items: list[str], by: int) -> list[str]:
+    return [items[(by + i) % len(items)] for i in range(len(items))] if items else []
+
+
+def _estimate(args: argparse.Namespace) -> str:
+    """How many cells, and roughly how long: each cell's warm-up, pause and load, and each
+    server's start and stop."""
+    per_level = turns(args.stacks, args.workloads, args.rounds)
+    cells = sum(len(ours) for _, _, ours in per_level) * len(args.levels)
+    servers_started = sum(name != "database" for _, name, _ in per_level) * len(args.levels)
+    seconds = cells * (WARMUP_S + PAUSE_S + args.duration + 1)
+    seconds += servers_started * SERVER_OVERHEAD_S
+    return f"{cells} cells on {servers_started} server starts: about {seconds / 60:.0f} minutes"
 
 
 def _odd(text: str) -> int:
@@ -193,12 +247,24 @@ def _int_list(text: str) -> list[int]:
     return levels
 
 
-def _variant_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
+def _stack_list(text: str) -> list[str]:
+    """In the order of VARIANTS: the first round runs them so, later rounds shifted."""
+    chosen = _names(text, VARIANTS, "stack")
+    return [name for name in VARIANTS if name in chosen]
+
+
+def _workload_list(text: str) -> list[str]:
+    """In the order given: the first round runs them so, later rounds shifted."""
+    return _names(text, DEFAULT_WORKLOADS, "workload")
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    """The names given, each once, in the order given."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = sorted(set(names) - set(known))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
-    return [name for name in VARIANTS if name in names]
+        raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown}; choose from {known}")
+    return names
 
 
 def _new_run(args: argparse.Namespace, server: LocalPostgres) -> Run:
@@ -210,21 +276,21 @@ def _new_run(args: argparse.Namespace, server: LocalPostgres) -> Run:
     finally:
         conn.close()
     variants = {
-        name: servers.HTTP_VARIANTS[name].description
-        for name in args.variants
-        if name != "database"
+        name: servers.HTTP_VARIANTS[name].description for name in args.stacks if name != "database"
     }
-    if "database" in args.variants:
+    if "database" in args.stacks:
         variants["database"] = (
             f"pgbench, the same SELECT by random id, simple protocol, clients = concurrency "
             f"capped at {pgbench.MAX_CLIENTS}, {pgbench.THREADS} threads"
         )
+    ran = {name for _, _, ours in turns(args.stacks, args.workloads, 1) for name in ours}
     return Run(
         command=args.command,
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         machine=host.describe(pg_version),
         settings=_settings(args, pg_version),
         variants=variants,
+        workloads={name: w.description for name, w in WORKLOADS.items() if name in ran},
         planned_rounds=args.rounds,
     )
 
@@ -235,8 +301,7 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
     return {
         "service code": f"commit {host.revision(servers.ROOT)}",
         "servers": (
-            f"gunicorn, {servers.WORKERS} workers (gunicorn's gevent worker for pooled, "
-            "ceiling and per-request), "
+            f"gunicorn, {servers.WORKERS} workers for every stack, "
             f"WORKER_CONNECTIONS={_worker_connections(args)}, pool {pool} per worker "
             f"(DB_POOL_MAX={pool}, DB_MAX_CONNECTIONS={servers.WORKERS * pool}), "
             f"DB_POOL_TIMEOUT={servers.POOL_TIMEOUT_S} (the default 5 s would turn the wait "
@@ -248,18 +313,25 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
         "settings passed through from the environment": (
             ", ".join(f"{k}={v}" for k, v in passed.items()) or "none"
         ),
-        "peer": f"gthread, threads = pool size = {pool} per worker",
+        "peers": (
+            f"peer-gthread: threads = pool size = {pool} per worker; peer-gevent: the same app, "
+            "worker_connections as the service; asyncio: one event loop per worker; each with a "
+            "fixed pool, autocommit (one round trip per request), the same SQL as the service"
+        ),
         "load": (
             f"wrk -t{wrk.THREADS} -c<concurrency> -d{args.duration}s "
-            f"--timeout {wrk.TIMEOUT_S}s --latency; users.lua asks for a uniformly random id "
-            f"in 1..{args.users}; level by level; at each level {args.rounds} round(s) of "
-            "every HTTP variant in turn (the order shifted by one each round), then pgbench "
-            f"once; each HTTP round on a server started for it, warmed up for {WARMUP_S} s "
-            f"at {WARMUP_CONNECTIONS} connections, then left {PAUSE_S:g} s to settle"
+            f"--timeout {wrk.TIMEOUT_S}s --latency; ids uniformly random in 1..{args.users}; "
+            f"level by level; at each level {args.rounds} round(s) of every HTTP variant in "
+            "turn (the order shifted by one each round), then pgbench once; each HTTP round "
+            "on a server started for it, which serves the round's workloads in turn (their "
+            "order shifted by one each round), each after the server closed the connections "
+            f"of the one before, warmed up for {WARMUP_S} s at {WARMUP_CONNECTIONS} "
+            f"connections, then left {PAUSE_S:g} s to settle"
         ),
         "database": (
             f"throwaway PostgreSQL {pg_version} on 127.0.0.1, max_connections="
-            f"{args.max_connections}, fsync off, SCRAM authentication; {args.users:,} users"
+            f"{args.max_connections}, fsync off, SCRAM authentication; {args.users:,} users "
+            "seeded once: every create adds a row, so the table grows through the run"
         ),
     }
 
@@ -270,9 +342,7 @@ def _worker_connections(args: argparse.Namespace) -> int:
 
 
 def _run_http(
-    name: str,
-    level: int,
-    round_: int,
+    turn: Turn,
     dsn: str,
     database_pid: int,
     sampler: BackendSampler,
@@ -280,37 +350,63 @@ def _run_http(
     logs: Path,
     run: Run,
 ) -> None:
-    """Start the variant's server, warm it up, measure one round of one level into `run`,
-    stop it."""
-    variant = servers.HTTP_VARIANTS[name]
+    """Start the variant's server, measure each of the turn's workloads into `run`, stop it."""
+    variant = servers.HTTP_VARIANTS[turn.name]
     env = servers.environment(dsn, _free_port(), _worker_connections(args))
-    server = servers.Server(variant, env, logs / f"{name}-{level}-{round_}.log")
-    lua_args = [str(args.users)] if variant.lua else []
+    server = servers.Server(variant, env, logs / f"{turn.name}-{turn.level}-{turn.round}.log")
     try:
         server.wait_ready()
         meter = CpuMeter(database_pid, server.pid)
-        wrk.run(wrk.command(server.url, WARMUP_CONNECTIONS, WARMUP_S, variant.lua, lua_args))
-        time.sleep(PAUSE_S)
-        sampler.start()
-        meter.start()
-        overflows = host.listen_overflows()
-        try:
-            result, _ = wrk.run(
-                wrk.command(server.url, level, args.duration, variant.lua, lua_args)
-            )
-        finally:
-            overflows = host.listen_overflows() - overflows
-            cpu = meter.stop()
-            peak = sampler.stop()
-        run.cells.append(Cell.from_wrk(name, level, result, peak, cpu, overflows, round_))
-        _progress(run.cells[-1])
+        for workload in turn.workloads:
+            _drain(server)
+            run.cells.append(_measure(server, meter, sampler, turn, workload, args))
+            _progress(run.cells[-1])
     finally:
         server.stop()
-        events = run.server_logs.setdefault(name, {})
+        events = run.server_logs.setdefault(turn.name, {})
         for key, count in server.log_events().items():
             events[key] = events.get(key, 0) + count
         if not sampler.wait_idle(timeout_s=30):
-            print(f"bench: warning: {name} left server connections behind")
+            print(f"bench: warning: {turn.name} left server connections behind")
+
+
+def _measure(
+    server: servers.Server,
+    meter: CpuMeter,
+    sampler: BackendSampler,
+    turn: Turn,
+    workload: str,
+    args: argparse.Namespace,
+) -> Cell:
+    """A warm-up with the workload, a pause, then one measured wrk run of it."""
+    load = WORKLOADS[workload]
+    url = server.url + load.path
+    warmup = wrk.command(url, WARMUP_CONNECTIONS, WARMUP_S, load.script, load.lua_args(args.users))
+    wrk.run(warmup)
+    time.sleep(PAUSE_S)
+    sampler.start()
+    meter.start()
+    overflows = host.listen_overflows()
+    try:
+        cmd = wrk.command(url, turn.level, args.duration, load.script, load.lua_args(args.users))
+        result, _ = wrk.run(cmd)
+    finally:
+        overflows = host.listen_overflows() - overflows
+        cpu = meter.stop()
+        peak = sampler.stop()
+    return Cell.from_wrk(turn.name, turn.level, result, peak, cpu, overflows, turn.round, workload)
+
+
+def _drain(server: servers.Server) -> None:
+    """Wait until the server holds no client connection of the workload before (at most
+    DRAIN_DEADLINE_S; then go on, and say so)."""
+    deadline = time.monotonic() + DRAIN_DEADLINE_S
+    while server.held_connections():
+        if time.monotonic() > deadline:
+            held = server.held_connections()
+            print(f"bench: warning: {server.variant.name} still held {held} connections")
+            return
+        time.sleep(0.05)
 
 
 def _run_pgbench(
@@ -345,7 +441,8 @@ def _run_pgbench(
 
 def _progress(cell: Cell) -> None:
     print(
-        f"bench: {cell.variant:<12} {cell.concurrency:>6,} round {cell.round}: "
+        f"bench: {cell.variant:<12} {cell.workload:<7} {cell.concurrency:>6,} "
+        f"round {cell.round}: "
         f"{cell.ok_rps:>8,.0f} ok req/s, "
         f"p50 {cell.p50_ms:8.1f} ms, p99 {cell.p99_ms:8.1f} ms, socket errors "
         f"{cell.connect_errors}/{cell.read_errors}/{cell.write_errors}/{cell.timeouts}, "

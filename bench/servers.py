@@ -3,6 +3,11 @@
 Every server is gunicorn with 2 workers and a pool of 10 per worker where it has one, started
 from the repository root in a session of its own, its output (access log included, as in
 production) going to a file. The service runs through its production command, unchanged.
+
+The four stacks serve every workload of bench/workloads.py: this service and three peers, two
+Flask + psycopg 3 (gthread, gevent) and one asyncio (Starlette + asyncpg on uvicorn). The
+variants kept from issue 4 serve one workload each: the service's /healthz (ceiling) and a
+connection per request (per-request).
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from config import VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS_DIR = Path(__file__).resolve().parent / "variants"
-USERS_LUA = Path(__file__).resolve().parent / "users.lua"
 WORKERS = 2
 POOL_PER_WORKER = 10
 POOL_TIMEOUT_S = 30  # wrk's own timeout
 READY_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 30 s
+# /proc/net/tcp states of a socket a server still holds for a client: ESTABLISHED, SYN_RECV,
+# CLOSE_WAIT (the client hung up, the server has not closed yet).
+_HELD_STATES = {"01", "03", "08"}
 
 
 # What to count in a server's log: gunicorn's own messages and Python's.
@@ -44,38 +51,48 @@ class HttpVariant:
     name: str
     description: str
     config: Path  # gunicorn -c
-    path: str  # the URL path wrk asks for, or the prefix its Lua script completes
-    lua: Path | None = None
+    path: str = ""  # what every URL asked for starts with, after the port
+    workload: str | None = None  # the one workload it serves; None: every workload
 
 
 SERVICE_CONFIG = ROOT / "gunicorn.conf.py"
+STACKS = ("service", "peer-gthread", "peer-gevent", "asyncio")
+FLASK_PEERS = ("peer-gthread", "peer-gevent")
 HTTP_VARIANTS = {
-    "pooled": HttpVariant(
-        "pooled",
-        "this service, GET /users/<random id>, production command",
+    "service": HttpVariant(
+        "service",
+        "this service through its production command (gunicorn.conf.py): gevent workers, "
+        "psycopg2 + psycogreen, its pool and batch loader",
         SERVICE_CONFIG,
-        "/users/",
-        USERS_LUA,
+    ),
+    "peer-gthread": HttpVariant(
+        "peer-gthread",
+        "Flask + psycopg 3 + psycopg_pool under gunicorn gthread workers, threads = pool size",
+        VARIANTS_DIR / "peer.conf.py",
+    ),
+    "peer-gevent": HttpVariant(
+        "peer-gevent",
+        "the same Flask + psycopg 3 + psycopg_pool app under gunicorn's stock gevent worker "
+        "(psycopg 3 waits in gevent's patched select.poll)",
+        VARIANTS_DIR / "peer_gevent.conf.py",
+    ),
+    "asyncio": HttpVariant(
+        "asyncio",
+        "Starlette + asyncpg pool under uvicorn workers (uvloop, httptools) managed by gunicorn",
+        VARIANTS_DIR / "asyncio_peer.conf.py",
     ),
     "ceiling": HttpVariant(
         "ceiling",
         "this service, GET /healthz: the same stack without the database",
         SERVICE_CONFIG,
-        "/healthz",
+        workload="healthz",
     ),
     "per-request": HttpVariant(
         "per-request",
-        "Flask + psycopg2, a new connection per request, same gevent workers + psycogreen",
+        "Flask + psycopg2, a new connection per request, same gevent workers + psycogreen; "
+        "GET /users/<random id> only",
         VARIANTS_DIR / "per_request.conf.py",
-        "/users/",
-        USERS_LUA,
-    ),
-    "peer": HttpVariant(
-        "peer",
-        "Flask + psycopg 3 + psycopg_pool under gunicorn gthread workers",
-        VARIANTS_DIR / "peer.conf.py",
-        "/users/",
-        USERS_LUA,
+        workload="get",
     ),
 }
 
@@ -105,7 +122,7 @@ def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
 def _set_by_bench(database_url: str, port: int, worker_connections: int) -> dict[str, str]:
     # A closed loop of N connections waits N / throughput on average (Little's law): about
     # 8 s at 10,000 connections here. The default pool timeout (5 s) would answer that wait
-    # with 503s, so both pooled servers may wait as long as wrk does.
+    # with 503s, so every pooled server may wait as long as wrk does.
     return {
         "DATABASE_URL": database_url,
         "PORT": str(port),
@@ -180,6 +197,21 @@ class Server:
                     if marker in line:
                         counts[name] += 1
         return counts
+
+    def held_connections(self) -> int:
+        """Client sockets the server still holds on its port (established or not yet closed)."""
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                fields = row.split()
+                local, state = fields[1], fields[3]
+                if state in _HELD_STATES and int(local.rsplit(":", 1)[1], 16) == self.port:
+                    count += 1
+        return count
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

@@ -10,11 +10,12 @@ import math
 
 import pytest
 
-from bench import pgbench, report, wrk
+from bench import goals, pgbench, report, wrk
 from bench import run as run_module
 from bench.backends import Peak
 from bench.cpu import CpuUse
 from bench.results import Cell, Run
+from bench.workloads import WORKLOADS
 
 CLEAN = """\
 Running 15s test @ http://127.0.0.1:8000/users/
@@ -135,42 +136,42 @@ def _run(*cells: Cell, rounds: int = 1) -> Run:
 
 def test_a_ratio_goal_must_hold_at_every_level():
     run = _run(
-        _cell("pooled", 50, 1000),
-        _cell("peer", 50, 500),
-        _cell("pooled", 500, 1000),
-        _cell("peer", 500, 800),
+        _cell("service", 50, 1000),
+        _cell("peer-gthread", 50, 500),
+        _cell("service", 500, 1000),
+        _cell("peer-gthread", 500, 800),
     )
-    peer_goal = next(g for g in report.goals(run) if "peer" in g.name)
+    peer_goal = next(g for g in goals.legacy_goals(run) if "peer-gthread" in g.name)
     assert peer_goal.met is False
     assert "2.00x at 50" in peer_goal.detail and "1.25x at 500" in peer_goal.detail
 
 
 def test_c10k_p99_is_judged_against_littles_law():
-    fair = _cell("pooled", 10_000, 2000, p99_ms=12_000)  # mean wait 5 s, bound 12.5 s
-    unfair = _cell("pooled", 10_000, 2000, p99_ms=13_000)
-    assert report.little_wait_ms(fair) == pytest.approx(5000)
-    assert report.goals(_run(fair))[-1].met is True
-    assert report.goals(_run(unfair))[-1].met is False
+    fair = _cell("service", 10_000, 2000, p99_ms=12_000)  # mean wait 5 s, bound 12.5 s
+    unfair = _cell("service", 10_000, 2000, p99_ms=13_000)
+    assert goals.little_wait_ms(fair) == pytest.approx(5000)
+    assert goals.legacy_goals(_run(fair))[-1].met is True
+    assert goals.legacy_goals(_run(unfair))[-1].met is False
 
 
 def test_a_variant_that_served_nothing_gives_an_infinite_ratio():
-    run = _run(_cell("pooled", 50, 1000), _cell("per-request", 50, 0, non_2xx=1000))
-    goal = next(g for g in report.goals(run) if "per-request" in g.name)
+    run = _run(_cell("service", 50, 1000), _cell("per-request", 50, 0, non_2xx=1000))
+    goal = next(g for g in goals.legacy_goals(run) if "per-request" in g.name)
     assert goal.met is True and "served none" in goal.detail
-    assert math.isinf(report._ratio(1000, 0))
+    assert math.isinf(goals._ratio(1000, 0))
 
 
 def test_cells_with_any_error_do_not_count_as_served():
-    assert _cell("pooled", 50, 1000).clean
-    assert not _cell("pooled", 50, 1000, timeouts=1).clean
-    assert not _cell("pooled", 50, 1000, non_2xx=1).clean
+    assert _cell("service", 50, 1000).clean
+    assert not _cell("service", 50, 1000, timeouts=1).clean
+    assert not _cell("service", 50, 1000, non_2xx=1).clean
     troubled = Cell.from_wrk("x", 50, wrk.parse(TROUBLED), Peak(), CpuUse(1, 0, 0, 0, 0), 0)
     assert troubled.non_2xx == 600 and not troubled.clean
 
 
 def test_a_saved_run_renders_the_same_after_loading(tmp_path):
     run = _run(
-        _cell("pooled", 50, 1000),
+        _cell("service", 50, 1000),
         _cell("per-request", 50, 0, requests=0, p50_ms=math.nan, p99_ms=math.nan),
     )
     run.save(tmp_path / "results.json")
@@ -190,80 +191,84 @@ def test_a_level_where_clients_got_no_answer_is_not_served():
 
 def test_rounds_are_judged_by_the_median_round():
     run = _run(
-        *(_cell("pooled", 50, r, round=n, p99_ms=n) for n, r in ((1, 900), (2, 3000), (3, 1500))),
-        *(_cell("peer", 50, r, round=n) for n, r in ((1, 1000), (2, 1100), (3, 500))),
+        *(_cell("service", 50, r, round=n, p99_ms=n) for n, r in ((1, 900), (2, 3000), (3, 1500))),
+        *(_cell("peer-gthread", 50, r, round=n) for n, r in ((1, 1000), (2, 1100), (3, 500))),
         rounds=3,
     )
-    median = run.cell("pooled", 50)
+    median = run.cell("service", 50)
     assert (median.ok_rps, median.p99_ms) == (1500, 3)  # one round's figures, not a mix
-    peer_goal = next(g for g in report.goals(run) if "peer" in g.name)
+    peer_goal = next(g for g in goals.legacy_goals(run) if "peer-gthread" in g.name)
     assert peer_goal.met is True  # 1,500 / 1,000, though round 1 alone gives 0.90
     assert "1.50x at 50 (rounds: 0.90, 2.73, 3.00)" in peer_goal.detail
-    assert "1,500 (900 to 3,000)" in report.markdown(run, "results.png")
+    text = report.markdown(run, "results.png")
+    assert "| 50 | 1,500 | 3.0 | 1,000 | 2.0 | 1.50x (peer-gthread) |" in text
+    assert "| service | 50 | 3 (median) | 1,500 | 1,500 |" in text
 
 
 def test_of_an_even_number_of_rounds_left_by_a_failure_the_slower_middle_one_is_the_median():
-    run = _run(*(_cell("pooled", 50, rps, round=n) for n, rps in enumerate((4, 1, 3, 2), 1)))
-    assert run.cell("pooled", 50).ok_rps == 2
+    run = _run(*(_cell("service", 50, rps, round=n) for n, rps in enumerate((4, 1, 3, 2), 1)))
+    assert run.cell("service", 50).ok_rps == 2
 
 
 def test_at_c10k_errors_count_in_every_round():
-    clean = _cell("pooled", 10_000, 2000, round=1)
-    errors = _cell("pooled", 10_000, 1000, round=2, read_errors=2, non_2xx=1)  # slowest round
-    fast = _cell("pooled", 10_000, 2500, round=3)
+    clean = _cell("service", 10_000, 2000, round=1)
+    errors = _cell("service", 10_000, 1000, round=2, read_errors=2, non_2xx=1)  # slowest round
+    fast = _cell("service", 10_000, 2500, round=3)
     run = _run(clean, errors, fast, rounds=3)
-    assert run.cell("pooled", 10_000) is clean  # the median round is clean...
-    socket, non_2xx, _ = report.goals(run)[-3:]
+    assert run.cell("service", 10_000) is clean  # the median round is clean...
+    socket, non_2xx, _ = goals.legacy_goals(run)[-3:]
     assert socket.met is False and socket.detail.startswith("2 over 3 rounds")  # ...yet
     assert non_2xx.met is False and non_2xx.detail.startswith("1 over 3 rounds")
-    assert all(g.met for g in report.goals(_run(clean, fast, fast, rounds=3))[-3:])
+    assert all(g.met for g in goals.legacy_goals(_run(clean, fast, fast, rounds=3))[-3:])
 
 
 def test_at_c10k_the_p99_bound_holds_in_every_round():
-    fair = _cell("pooled", 10_000, 2000, round=1, p99_ms=6_000)  # Little's wait 5 s
-    unfair = _cell("pooled", 10_000, 2000, round=2, p99_ms=13_000)  # over 12.5 s
-    fast = _cell("pooled", 10_000, 4000, round=3, p99_ms=6_000)  # wait 2.5 s: ratio 2.4
-    goal = report.goals(_run(fair, unfair, fast, rounds=3))[-1]
+    fair = _cell("service", 10_000, 2000, round=1, p99_ms=6_000)  # Little's wait 5 s
+    unfair = _cell("service", 10_000, 2000, round=2, p99_ms=13_000)  # over 12.5 s
+    fast = _cell("service", 10_000, 4000, round=3, p99_ms=6_000)  # wait 2.5 s: ratio 2.4
+    goal = goals.legacy_goals(_run(fair, unfair, fast, rounds=3))[-1]
     assert goal.met is False and "round 2" in goal.detail
-    fast_worst = report.goals(_run(fair, fast, fair, rounds=3))[-1]
+    fast_worst = goals.legacy_goals(_run(fair, fast, fair, rounds=3))[-1]
     assert fast_worst.met is True and "ratio 2.40" in fast_worst.detail  # not the highest p99
 
 
 def test_at_c10k_a_round_that_answered_nothing_fails():
-    fair = _cell("pooled", 10_000, 2000, p99_ms=6_000)
+    fair = _cell("service", 10_000, 2000, p99_ms=6_000)
     for silent in (
-        _cell("pooled", 10_000, 0, round=2, requests=0, p99_ms=math.nan),
-        _cell("pooled", 10_000, 0, round=2, requests=0, p99_ms=0.0),
+        _cell("service", 10_000, 0, round=2, requests=0, p99_ms=math.nan),
+        _cell("service", 10_000, 0, round=2, requests=0, p99_ms=0.0),
     ):
         for cells in ((fair, silent), (silent, fair)):
-            goal = report.goals(_run(*cells, rounds=2))[-1]
+            goal = goals.legacy_goals(_run(*cells, rounds=2))[-1]
             assert goal.met is False and "answered nothing" in goal.detail
 
 
 def test_rounds_lost_to_a_failure_count_as_missed():
     run = _run(
-        _cell("pooled", 50, 3000, round=1),
-        _cell("peer", 50, 1000, round=1),
-        _cell("pooled", 10_000, 3000, round=1),  # then the server failed
-        _cell("peer", 10_000, 1000, round=1),
+        _cell("service", 50, 3000, round=1),
+        _cell("peer-gthread", 50, 1000, round=1),
+        _cell("service", 10_000, 3000, round=1),  # then the server failed
+        _cell("peer-gthread", 10_000, 1000, round=1),
         rounds=3,
     )
-    peer_goal = next(g for g in report.goals(run) if "peer" in g.name)
-    assert peer_goal.met is False and "pooled: 1 of 3 rounds" in peer_goal.detail
-    assert not any(g.met for g in report.goals(run)[-3:])
-    run.failures.append("pooled at 10,000, round 2: the server exited")
-    assert "- pooled at 10,000, round 2: the server exited" in report.markdown(run, "x.png")
+    peer_goal = next(g for g in goals.legacy_goals(run) if "peer-gthread" in g.name)
+    assert peer_goal.met is False and "service: 1 of 3 rounds" in peer_goal.detail
+    assert not any(g.met for g in goals.legacy_goals(run)[-3:])
+    run.failures.append("service at 10,000, round 2: the server exited")
+    assert "- service at 10,000, round 2: the server exited" in report.markdown(run, "x.png")
 
 
 def test_a_variant_missing_at_a_level_misses_the_goal_there():
-    run = _run(_cell("pooled", 50, 3000), _cell("peer", 50, 1000), _cell("pooled", 500, 3000))
-    peer_goal = next(g for g in report.goals(run) if "peer" in g.name)
-    assert peer_goal.met is False and "peer: 0 of 1 rounds" in peer_goal.detail
+    run = _run(
+        _cell("service", 50, 3000), _cell("peer-gthread", 50, 1000), _cell("service", 500, 3000)
+    )
+    peer_goal = next(g for g in goals.legacy_goals(run) if "peer-gthread" in g.name)
+    assert peer_goal.met is False and "peer-gthread: 0 of 1 rounds" in peer_goal.detail
 
 
-def test_pooled_serving_nothing_never_meets_a_ratio():
-    run = _run(_cell("pooled", 50, 0, non_2xx=9), _cell("per-request", 50, 0, non_2xx=9))
-    goal = next(g for g in report.goals(run) if "per-request" in g.name)
+def test_the_service_serving_nothing_never_meets_a_ratio():
+    run = _run(_cell("service", 50, 0, non_2xx=9), _cell("per-request", 50, 0, non_2xx=9))
+    goal = next(g for g in goals.legacy_goals(run) if "per-request" in g.name)
     assert goal.met is False
 
 
@@ -275,15 +280,16 @@ def test_a_level_is_served_only_if_every_round_served_it():
     assert "none of the levels tried" in table
 
 
-def test_each_round_starts_one_variant_further_along_then_pgbench_once():
-    order = run_module.turns(["pooled", "ceiling", "peer", "database"], 3)
+def test_each_round_starts_one_variant_and_one_workload_further_along_then_pgbench_once():
+    order = run_module.turns(["service", "ceiling", "asyncio", "database"], ["mix", "get"], 3)
+    mg, gm, hz = ("mix", "get"), ("get", "mix"), ("healthz",)
     assert order == [
-        (1, "pooled"), (1, "ceiling"), (1, "peer"),
-        (2, "ceiling"), (2, "peer"), (2, "pooled"),
-        (3, "peer"), (3, "pooled"), (3, "ceiling"),
-        (1, "database"),
+        (1, "service", mg), (1, "ceiling", hz), (1, "asyncio", mg),
+        (2, "ceiling", hz), (2, "asyncio", gm), (2, "service", gm),
+        (3, "asyncio", mg), (3, "service", mg), (3, "ceiling", hz),
+        (1, "database", ("get",)),
     ]  # fmt: skip
-    assert run_module.turns(["database"], 3) == [(1, "database")]
+    assert run_module.turns(["database"], ["mix"], 3) == [(1, "database", ("get",))]
 
 
 @pytest.mark.parametrize("rounds", ["0", "2", "x", "-1"])
@@ -295,10 +301,139 @@ def test_only_an_odd_number_of_rounds_is_taken(rounds):
 
 def test_a_run_saved_before_rounds_loads_as_one_round(tmp_path):
     path = tmp_path / "results.json"
-    _run(_cell("pooled", 50, 1000)).save(path)
+    _run(_cell("service", 50, 1000)).save(path)
     saved = json.loads(path.read_text())
     del saved["cells"][0]["round"]  # what a run saved before rounds existed holds
     path.write_text(json.dumps(saved))
     again = Run.load(path)
     assert [c.round for c in again.cells] == [1]
-    assert "One round per variant and level." in report.markdown(again, "results.png")
+    assert "One round per stack, workload and level." in report.markdown(again, "results.png")
+
+
+# ---------------------------------------------------------------- issue 18: stacks x workloads
+
+
+def _stacks(workload: str, level: int, service: float, gthread: float, gevent: float, aio: float):
+    """One round of the four stacks with one workload at one level."""
+    rates = {"service": service, "peer-gthread": gthread, "peer-gevent": gevent, "asyncio": aio}
+    return [_cell(name, level, rps, workload=workload) for name, rps in rates.items()]
+
+
+def _goal(run: Run, name_start: str, level: int) -> goals.Goal:
+    return next(g for g in goals.goals(run) if g.name.startswith(name_start) and g.level == level)
+
+
+def test_the_mix_is_judged_against_the_best_flask_peer_and_asyncio_at_each_level():
+    run = _run(
+        *_stacks("mix", 50, 3000, 1500, 1800, 3200),  # 1.67x the best peer, 0.94x asyncio
+        *_stacks("mix", 500, 3000, 2100, 1900, 3500),  # 1.43x the best peer, 0.86x asyncio
+    )
+    peer_50, peer_500 = _goal(run, "mix: service ≥ 1.5", 50), _goal(run, "mix: service ≥ 1.5", 500)
+    assert peer_50.met is True and "1.67x: service 3,000 vs peer-gevent 1,800" in peer_50.detail
+    assert peer_500.met is False and "vs peer-gthread 2,100" in peer_500.detail  # the faster one
+    assert "short by 0.07x: the service needs 5% more ok req/s" in peer_500.detail
+    assert _goal(run, "mix: service ≥ 0.9 x asyncio", 50).met is True
+    missed = _goal(run, "mix: service ≥ 0.9 x asyncio", 500)
+    assert missed.met is False and "0.86x" in missed.detail and "5% more" in missed.detail
+
+
+def test_every_route_alone_must_reach_1_2_times_the_best_flask_peer():
+    run = _run(
+        *_stacks("get", 50, 2400, 2000, 1000, 2500),
+        *_stacks("create", 50, 2300, 2000, 1000, 2500),
+    )
+    assert _goal(run, "get: service ≥ 1.2", 50).met is True
+    create = _goal(run, "create: service ≥ 1.2", 50)
+    assert create.met is False and "1.15x" in create.detail
+    by_name = {g.name: g for g in goals.goals(run) if g.level is None}
+    for route in ("list", "update"):  # not run: neither met nor missed
+        assert by_name[f"{route}: service ≥ 1.2 x best Flask peer (ok req/s)"].met is None
+    assert by_name["mix: service ≥ 1.5 x best Flask peer (ok req/s)"].met is None
+
+
+def test_a_goal_names_the_flask_peer_the_run_left_out():
+    run = _run(
+        _cell("service", 50, 3000, workload="mix"), _cell("peer-gevent", 50, 1000, workload="mix")
+    )
+    goal = _goal(run, "mix: service ≥ 1.5", 50)
+    assert goal.met is True and "(peer-gthread not in this run)" in goal.detail
+    assert next(g for g in goals.goals(run) if "asyncio" in g.name).met is None
+
+
+def test_a_stack_missing_rounds_at_a_level_misses_that_level():
+    run = _run(
+        *(_cell("service", 50, 3000, round=n, workload="list") for n in (1, 2, 3)),
+        *(_cell("peer-gthread", 50, 1000, round=n, workload="list") for n in (1, 2)),  # failed
+        rounds=3,
+    )
+    goal = _goal(run, "list: service ≥ 1.2", 50)
+    assert goal.met is False and "peer-gthread: 2 of 3 rounds" in goal.detail
+
+
+def test_the_goals_table_has_a_row_per_goal_and_level():
+    run = _run(*_stacks("mix", 50, 3000, 1500, 1800, 3200), *_stacks("mix", 500, 10, 9, 8, 7))
+    table = report.goals_table(run)
+    assert "| mix: service ≥ 1.5 x best Flask peer (ok req/s) | 50 | met |" in table
+    assert "| mix: service ≥ 1.5 x best Flask peer (ok req/s) | 500 | **missed** |" in table
+    assert "| update: service ≥ 1.2 x best Flask peer (ok req/s) |  | not measured |" in table
+
+
+def test_each_workload_gets_a_table_of_levels_with_the_services_ratios():
+    run = _run(*_stacks("update", 50, 3000, 1500, 2000, 2500))
+    text = report.markdown(run, "results.png")
+    assert "| connections | service req/s | service p99 ms | peer-gthread req/s |" in text
+    row = "| 50 | 3,000 | 2.0 | 1,500 | 2.0 | 2,000 | 2.0 | 2,500 | 2.0 |"
+    assert row + " 1.50x (peer-gevent) | 1.20x |" in text
+    assert "| 50 | 0.50 / 0.20 | 0.50 / 0.20 | 0.50 / 0.20 | 0.50 / 0.20 |" in text  # CPU ms/req
+    assert "No socket error and no answer of 400 or above in any round." in text
+    run.cells.append(_cell("asyncio", 500, 900, workload="update", non_2xx=3, read_errors=2))
+    assert "asyncio at 500 round 1: non-2xx 3, socket errors 0/2/0/0" in report.markdown(run, "x")
+
+
+def test_write_workloads_get_a_fresh_tag_every_wrk_run():
+    create, mix = WORKLOADS["create"], WORKLOADS["mix"]
+    first, second = create.lua_args(10_000), create.lua_args(10_000)
+    assert len(first) == 1 and first != second
+    assert mix.lua_args(10_000)[0] == "10000" and len(mix.lua_args(10_000)) == 2
+    assert WORKLOADS["get"].lua_args(500) == ["500"] and WORKLOADS["list"].lua_args(500) == []
+    for name in ("mix", "get", "list", "create", "update"):
+        assert WORKLOADS[name].script.exists()
+
+
+def test_workloads_and_stacks_are_chosen_on_the_command_line():
+    args = run_module._parse(["--workloads", "create,mix", "--stacks", "peer-gevent,service"])
+    assert args.workloads == ["create", "mix"]  # as given: the first round's order
+    assert args.stacks == ["service", "peer-gevent"]  # the report's order
+    defaults = run_module._parse([])
+    assert defaults.workloads == ["mix", "get", "list", "create", "update"]
+    assert defaults.levels == [50, 500, 5000]
+    for bad in (["--workloads", "healthz"], ["--stacks", "pooled"], ["--workloads", ","]):
+        with pytest.raises(SystemExit):
+            run_module._parse(bad)
+
+
+def test_a_run_saved_before_issue_18_loads_with_the_new_names(tmp_path):
+    path = tmp_path / "results.json"
+    _run(_cell("service", 50, 1000), _cell("ceiling", 50, 2000, workload="healthz")).save(path)
+    saved = json.loads(path.read_text())
+    saved["cells"][0]["variant"] = "pooled"
+    for cell in saved["cells"]:
+        del cell["workload"]  # what a run saved before issue 18 holds
+    del saved["workloads"]
+    saved["variants"] = {"pooled": "the service", "peer": "the gthread peer"}
+    path.write_text(json.dumps(saved))
+    again = Run.load(path)
+    assert [(c.variant, c.workload) for c in again.cells] == [
+        ("service", "get"),
+        ("ceiling", "healthz"),
+    ]
+    assert list(again.variants) == ["service", "peer-gthread"]
+    assert "0.50x at 50" in goals.legacy_goals(again)[2].detail  # service / ceiling
+
+
+def test_a_saved_run_of_every_workload_renders_the_same_after_loading(tmp_path):
+    run = _run(*_stacks("mix", 50, 3000, 1500, 1800, 3200), *_stacks("list", 50, 1, 2, 3, 4))
+    run.workloads = {"mix": "the mix", "list": "the list"}
+    run.save(tmp_path / "results.json")
+    again = Run.load(tmp_path / "results.json")
+    assert report.markdown(again, "results.png") == report.markdown(run, "results.png")

@@ -1,4 +1,5 @@
-"""gunicorn settings for the peer: gthread workers, each with its own psycopg_pool."""
+"""gunicorn settings for peer-gthread: the Flask peer (`peer.py`) under gthread workers, each
+with its own psycopg_pool."""
 
 import os
 
