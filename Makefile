@@ -2,7 +2,9 @@
 #   make run   serve through the production command (a throwaway PostgreSQL when DATABASE_URL is unset)
 #   make test  run the test suite against a throwaway PostgreSQL (or TEST_DATABASE_URL)
 # and, for performance work:
-#   make bench the benchmark of issue 4: bench/RESULTS.md and bench/results.png
+#   make bench the service against its peers, route by route: bench/RESULTS.md and results.png
+# and, for containers:
+#   make up    PostgreSQL, PgBouncer and 3 replicas of the service (compose.yaml); make down
 
 PYTHON ?= python3
 VENV := .venv

@@ -49,9 +49,6 @@ POLL_S = 0.05
 MIN_WORKER_CONNECTIONS = 6000
 MIN_MAX_CONNECTIONS = 200
 LABELS = ("A", "B")
-# /proc/net/tcp states of a socket the server still holds for a client: ESTABLISHED,
-# SYN_RECV, CLOSE_WAIT (the client hung up, the server has not closed yet).
-_HELD_STATES = {"01", "03", "08"}
 _STATUS = re.compile(r'"status": ?(\d{3})')
 _METHOD_ROUTE = re.compile(r'"method": ?"([A-Z]+)".*?"route": ?("[^"]*"|null)')
 
@@ -64,21 +61,6 @@ class Server(bench_servers.Server):
         super().__init__(variant, env, log, root)
         self.label = label
         self.dsn = dsn
-
-    def held_connections(self) -> int:
-        """Client sockets the server still holds on its port (established or not yet closed)."""
-        count = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            try:
-                rows = Path(table).read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for row in rows:
-                fields = row.split()
-                local, state = fields[1], fields[3]
-                if state in _HELD_STATES and int(local.rsplit(":", 1)[1], 16) == self.port:
-                    count += 1
-        return count
 
 
 @dataclass

@@ -31,7 +31,7 @@ WORKERS = 2
 POOL_PER_WORKER = 10
 POOL_TIMEOUT_S = 30  # wrk's own timeout
 READY_DEADLINE_S = 60.0
-STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 30 s
+STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 25 s
 # /proc/net/tcp states of a socket a server still holds for a client: ESTABLISHED, SYN_RECV,
 # CLOSE_WAIT (the client hung up, the server has not closed yet).
 _HELD_STATES = {"01", "03", "08"}
