@@ -279,8 +279,8 @@ def test_close_idle_closes_connections_that_sent_no_byte_of_a_request():
     waiting = WaitingForHead()
     closes = Closes(counted.append)
     deadlines = Deadlines(60, 60, 60, 60)
-    pairs = [socket.socketpair() for _ in range(3)]
-    fresh, partial, answered = (
+    pairs = [socket.socketpair() for _ in range(4)]
+    fresh, partial, answered, sent = (
         ClientSocket(server.detach(), deadlines, waiting, closes) for server, _ in pairs
     )
     try:
@@ -288,15 +288,23 @@ def test_close_idle_closes_connections_that_sent_no_byte_of_a_request():
         assert partial.recv(64) == b"GET / HT"
         answered.request_started()
         answered.request_finished()  # idle between two requests
-        assert [s.awaiting_request for s in (fresh, partial, answered)] == [True, False, True]
+        pairs[3][1].sendall(b"GET / HTTP/1.1\r\n\r\n")  # sent, not yet read: to be served
+        assert [s.awaiting_request for s in (fresh, partial, answered, sent)] == [
+            True,
+            False,
+            True,
+            True,
+        ]
+        assert waiting.close_idle(DRAIN) == 0  # all idle for less than IDLE_GRACE_S
 
-        assert waiting.close_idle(DRAIN) == 2
-        assert (fresh.closed_by, partial.closed_by, answered.closed_by) == (DRAIN, None, DRAIN)
+        assert waiting.close_idle(DRAIN, grace_s=0) == 2
+        closed_by = tuple(s.closed_by for s in (fresh, partial, answered, sent))
+        assert closed_by == (DRAIN, None, DRAIN, None)
         assert counted == [DRAIN, DRAIN]
-        assert len(waiting) == 1
+        assert len(waiting) == 2
         assert pairs[0][1].recv(1) == b""  # the client sees the server's end
     finally:
-        for sock in (fresh, partial, answered):
+        for sock in (fresh, partial, answered, sent):
             sock.close()
         for _, client in pairs:
             client.close()

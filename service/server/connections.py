@@ -27,10 +27,10 @@ gunicorn writes a response's head alone, then its body: the socket holds the hea
 with the body's first write, one send per response (docs/performance.md).
 
 When a worker takes the last free slot of a listener (WORKER_CONNECTIONS), the connection that
-has waited longest for a request head (idle keep-alive, silent, or trickling) is shed, reason
-`shed`, so that a slot stays free for the next client. Connections whose request is being read
-or served are never shed. An idle keep-alive connection may be closed at any time (RFC 9112
-9.8), and clients retry on a new one.
+has waited longest for a request head (idle keep-alive, silent, or trickling) and has no input
+waiting to be read is shed, reason `shed`, so that a slot stays free for the next client.
+Connections whose request is being read or served are never shed. An idle keep-alive
+connection may be closed at any time (RFC 9112 9.8), and clients retry on a new one.
 
 When a stopping worker's drain is over, it closes the connections that sent no byte of a
 request since they were accepted or last answered, reason `drain`
@@ -50,6 +50,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gevent import socket as gsocket
+from gevent.monkey import get_original
+
+_poll = get_original("select", "poll")
+_POLLIN = get_original("select", "POLLIN")
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,11 @@ REASONS = (HEAD, BODY, WRITE, IDLE, SHED, DRAIN)
 LOG_EVERY_S = 10.0
 # The largest first write of a response held to leave with the next (a response head).
 HOLD_MAX = 8192
+# How long a connection must have been idle for the end of a drain to close it: a client that
+# got its last answer just now may be sending its next request.
+IDLE_GRACE_S = 1.0
+# How many of the longest-waiting connections shedding looks at for one without input.
+SHED_CANDIDATES = 8
 
 
 @dataclass(frozen=True)
@@ -111,17 +120,29 @@ class WaitingForHead:
     def discard(self, sock: ClientSocket) -> None:
         self._sockets.pop(sock, None)
 
-    def longest_waiting(self) -> ClientSocket | None:
-        return next(iter(self._sockets), None)
-
-    def close_idle(self, reason: str) -> int:
+    def close_idle(self, reason: str, grace_s: float = IDLE_GRACE_S) -> int:
         """Shut down (`close_for(reason)`) every connection that has sent no byte of a request
-        since it was accepted or last answered; returns how many. Those with part of a head in
-        are left to their head deadline."""
-        idle = [sock for sock in self._sockets if sock.awaiting_request]
+        since it was accepted or last answered, nor has one waiting to be read, and has been
+        idle `grace_s` at least; returns how many. The others are left to be served, or to
+        their deadlines: a request sent just before the close is answered, not dropped."""
+        now = time.monotonic()
+        idle = [
+            sock
+            for sock in self._sockets
+            if sock.awaiting_request and now - sock.idle_since >= grace_s and not sock.has_input()
+        ]
         for sock in idle:
             sock.close_for(reason)
         return len(idle)
+
+    def sheddable(self, newcomer: ClientSocket) -> ClientSocket | None:
+        """The longest waiting of the first `SHED_CANDIDATES` connections that has no input
+        waiting to be read (a request that arrived is served, not shed), other than
+        `newcomer`; None when there is none."""
+        for sock, _ in zip(self._sockets, range(SHED_CANDIDATES), strict=False):
+            if sock is not newcomer and not sock.has_input():
+                return sock
+        return None
 
     def __len__(self) -> int:
         return len(self._sockets)
@@ -143,6 +164,7 @@ class ClientSocket(gsocket.socket):
         "_deadline",
         "_deadlines",
         "_held",
+        "_idle_since",
         "_phase",
         "_waiting",
     )
@@ -156,6 +178,7 @@ class ClientSocket(gsocket.socket):
         self._closes = closes
         self._closed_by: str | None = None
         self._held = b""
+        self._idle_since = time.monotonic()
         self._phase = HEAD
         self._awaiting_request = True
         self._deadline = time.monotonic() + deadlines.head
@@ -171,6 +194,22 @@ class ClientSocket(gsocket.socket):
         """True until a byte of a request arrives, from accept and from each response's end."""
         return self._awaiting_request
 
+    @property
+    def idle_since(self) -> float:
+        """time.monotonic() of the accept, or of the last response's end."""
+        return self._idle_since
+
+    def has_input(self) -> bool:
+        """Whether bytes (or the peer's end of input) wait to be read on the socket."""
+        if self._closed_by is not None:
+            return False
+        poller = _poll()
+        try:
+            poller.register(self.fileno(), _POLLIN)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(poller.poll(0))
+
     def request_started(self) -> None:
         """The head is in: the body's deadline starts."""
         self._waiting.discard(self)
@@ -183,7 +222,8 @@ class ClientSocket(gsocket.socket):
         self.flush()
         self._phase = IDLE
         self._awaiting_request = True
-        self._deadline = time.monotonic() + self._deadlines.idle
+        self._idle_since = time.monotonic()
+        self._deadline = self._idle_since + self._deadlines.idle
         self._waiting.add(self)
 
     def connection_ended(self) -> None:

@@ -103,8 +103,8 @@ class BatchAcceptingServer(StreamServer):
 
     def do_handle(self, client: ClientSocket, address) -> None:
         if self.pool is not None and self.pool.free_count() <= 1:
-            longest = self.waiting_for_head.longest_waiting()
-            if longest is not None and longest is not client:
+            longest = self.waiting_for_head.sheddable(client)
+            if longest is not None:
                 longest.close_for(SHED)  # its greenlet ends at once, freeing its slot
         super().do_handle(client, address)
 
