@@ -33,9 +33,10 @@ Connections whose request is being read or served are never shed. An idle keep-a
 connection may be closed at any time (RFC 9112 9.8), and clients retry on a new one.
 
 When a stopping worker's drain is over, it closes the connections that sent no byte of a
-request since they were accepted or last answered, reason `drain`
-(`WaitingForHead.close_idle`): otherwise each would hold the stop until its idle or head
-deadline. A connection whose head is partly in is left to finish it and be answered.
+request since they were accepted or last answered, have nothing waiting to be read, and have
+been idle `IDLE_GRACE_S` at least, reason `drain` (`WaitingForHead.close_idle`): otherwise
+each would hold the stop until its idle or head deadline. The others (a head partly in, a
+request unread, a client just answered) are left to be served or to meet their deadlines.
 """
 
 from __future__ import annotations
