@@ -3,8 +3,8 @@
 Both checkouts run their production command (`gunicorn -c gunicorn.conf.py`, from their own
 folder) at once, on loopback, against one throwaway PostgreSQL with a database each, so that
 one's writes never grow the other's table. Each database is migrated by its gunicorn's master
-and seeded with the same users. wrk then sends the mix of `bench/mix.lua` (reads, a list,
-creates, renames).
+and seeded with the same users. wrk then sends a workload of bench/workloads.py: by default the
+mix of `bench/mix.lua` (reads, a list, creates, renames), or one route alone (`--workload`).
 
 At each concurrency level, rounds alternate the order (A then B, B then A, ...), so that a
 slow spell of the machine or a growing table does not always fall on the same checkout; the
@@ -23,7 +23,6 @@ import datetime
 import os
 import re
 import resource
-import secrets
 import shlex
 import signal
 import socket
@@ -40,9 +39,9 @@ import psycopg2
 
 from bench import database, wrk
 from bench import servers as bench_servers
+from bench.workloads import WORKLOADS
 from deploy.localpg import LocalPostgres
 
-MIX_LUA = Path(__file__).resolve().parent / "mix.lua"
 WARMUP_S = 2
 DRAIN_DEADLINE_S = 30.0
 POLL_S = 0.05
@@ -162,9 +161,9 @@ def _measure(
     for warmup in (True, False):
         round_.notes += _drain(servers)
         duration = WARMUP_S if warmup else args.duration
-        tag = f"r{secrets.token_hex(4)}"  # a new one per wrk run: emails never repeat
-        lua_args = [str(args.users), tag]
-        result, _ = wrk.run(wrk.command(server.url, level, duration, MIX_LUA, lua_args))
+        workload = WORKLOADS[args.workload]
+        lua_args = workload.lua_args(args.users)  # a new tag per wrk run: emails never repeat
+        result, _ = wrk.run(wrk.command(server.url, level, duration, workload.script, lua_args))
         (round_.warmups if warmup else round_.results)[server.label] = result
     print(
         f"bench.compare: {level:>6,} round {round_.number} {server.label}: "
@@ -292,7 +291,7 @@ def _header(args: argparse.Namespace, logs: Path) -> str:
     command = "python -m bench.compare " + shlex.join(args.argv)
     return "\n".join(
         [
-            "## A/B comparison: bench/mix.lua",
+            f"## A/B comparison: {WORKLOADS[args.workload].description}",
             "",
             f"- command: `{command}`",
             f"- date: {now}; nproc: {len(os.sched_getaffinity(0))}",
@@ -357,6 +356,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=_positive, default=2, help="WEB_CONCURRENCY")
     parser.add_argument("--pool-max", type=_positive, default=10, help="DB_POOL_MAX")
     parser.add_argument("--users", type=_positive, default=10_000, help="users seeded")
+    parser.add_argument(
+        "--workload",
+        choices=[name for name, w in WORKLOADS.items() if w.script],
+        default="mix",
+        help="what wrk sends (bench/workloads.py)",
+    )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv

@@ -35,8 +35,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
-    loader = app.extensions[users.LOADER] = users.user_loader()
-    app.extensions[db.WAITING_ELSEWHERE] = lambda: loader.waiting
+    loaders = users.batch_loaders()
+    app.extensions.update(loaders)
+    app.extensions[db.WAITING_ELSEWHERE] = lambda: sum(x.waiting for x in loaders.values())
     app.extensions[db.CLIENT_GONE] = client.hung_up
     return app
 

@@ -39,6 +39,7 @@ def lookups(
     answer_s=5.0,
     answered=None,
     told=None,
+    extra=None,
 ) -> BatchLoader:
     """Lookups of users' emails through a real pool; each query's keys go into `fetched`. The
     first query sleeps `sleep_s` in the server; the others, once they hold a connection, raise
@@ -46,19 +47,20 @@ def lookups(
     get a connection, any other 5 s (its deadline goes into `deadlines`, if given); once it
     does, it waits `answer_s` for the answer.
     `answered(n)`, if given, runs in the sender once the n-th query has its rows; `told` gets
-    how many lookups each query answered, as the metrics are told."""
+    how many lookups each query answered, as the metrics are told. `extra` adds to every
+    query's rows."""
 
-    def fetch(keys, waited_s, connected):
-        fetched.append(list(keys))
+    def fetch(waited_s, connected):
         with pool.connection(autocommit=True) as cur:
-            connected()
+            keys = connected()
+            fetched.append(list(keys))
             if failing and len(fetched) > 1:
                 raise failing[0]
             cur.execute(
                 "SELECT id, email FROM users, pg_sleep(%s) WHERE id = ANY(%s)",
                 (sleep_s if len(fetched) == 1 else 0, list(keys)),
             )
-            rows = {row["id"]: row["email"] for row in cur.fetchall()}
+            rows = {row["id"]: row["email"] for row in cur.fetchall()} | (extra or {})
         if answered is not None:
             answered(len(fetched))
         return rows
@@ -260,8 +262,9 @@ def test_a_lookup_leaves_a_batch_when_its_own_wait_runs_out(make_pool, admin):
     assert shared.waiting == 1
     gevent.joinall([first, sender], timeout=10, raise_error=True)
     assert (first.value, sender.value) == ("user1@example.com", "user2@example.com")
-    assert len(fetched) == 2
-    assert told == [1, 1]  # the second query was not sent for the lookup that left
+    # The second query was not sent for the lookup that left: a write it asked is not made.
+    assert fetched == [ids[:1], ids[1:2]]
+    assert told == [1, 1]
     assert shared.waiting == 0
 
 
@@ -298,6 +301,41 @@ def test_a_killed_sender_leaves_no_lookup_waiting(make_pool, admin):
     assert follower.get(timeout=5) == "user3@example.com"
     assert first.get(timeout=5) == "user1@example.com"
     assert fetched == [ids[:1], ids[2:]]
+    assert shared.waiting == 0
+
+
+def test_a_killed_follower_is_not_in_the_query_its_batch_sends(make_pool, admin):
+    ids = seed_users(admin, 4)
+    fetched = []
+    shared = lookups(make_pool(), fetched, sleep_s=0.5)
+    first = first_query(shared, fetched, ids[0])
+    sender = batch_behind(shared, ids[1])
+    killed = follower_in(shared, ids[2])
+    follower = follower_in(shared, ids[3])
+    killed.kill(timeout=5)
+
+    assert follower.get(timeout=5) == "user4@example.com"
+    assert (first.get(timeout=5), sender.get(timeout=5)) == (
+        "user1@example.com",
+        "user2@example.com",
+    )
+    assert fetched == [ids[:1], [ids[1], ids[3]]]
+    assert shared.waiting == 0
+
+
+def test_a_key_answered_with_an_exception_raises_it_in_its_lookup_alone(make_pool, admin):
+    """How a batch of writes sends one write back to run on its own (service/api/users.py)."""
+    ids = seed_users(admin, 3)
+    fetched = []
+    alone = {ids[2]: LookupError(f"{ids[2]} alone")}
+    shared = lookups(make_pool(), fetched, sleep_s=0.3, extra=alone)
+    first = first_query(shared, fetched, ids[0])
+    rest = [gevent.spawn(shared.get, uid) for uid in ids[1:]]
+    gevent.joinall([first, *rest], timeout=10)
+
+    assert [first.value, rest[0].value] == ["user1@example.com", "user2@example.com"]
+    assert isinstance(rest[1].exception, LookupError)
+    assert rest[1].exception.args == (f"{ids[2]} alone",)
     assert shared.waiting == 0
 
 

@@ -3,7 +3,8 @@
 A request can wait long for its turn (in the kernel's accept queue, for a pool connection)
 and its client may give up meanwhile. Serving it would do work nobody reads, and a write the
 client believes failed, and may well send again. The pool asks `hung_up()` once it holds a
-connection for the request (`service.db.CLIENT_GONE`), before anything is sent.
+connection for the request (`service.db.CLIENT_GONE`), before anything is sent; a batch of
+writes asks `closed()` of each write's socket once its statement holds one.
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ def hung_up() -> bool:
     """
     if not has_request_context():
         return False
-    sock = request.environ.get("gunicorn.socket")
+    return closed(socket_of_request())
+
+
+def socket_of_request():
+    """The client socket of the request in context, or None under a server that does not
+    expose it (`gunicorn.socket`)."""
+    return request.environ.get("gunicorn.socket")
+
+
+def closed(sock) -> bool:
+    """Whether the client on `sock` has closed (or half-closed) its connection, as `hung_up()`
+    says it; False for None."""
     if sock is None:
         return False
     try:

@@ -1,9 +1,31 @@
 """The users resource: `/users` and `/users/<id>`.
 
-Input is checked completely before any SQL runs, so bad input stores nothing. Every handler
-runs one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
-`GET /users/<id>` goes through the worker's batch loader, so that concurrent reads of single
-users share queries under load (service/db/batch.py).
+Input is checked completely before any SQL runs, so bad input stores nothing. Every request
+is one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
+
+`GET /users/<id>`, `POST /users` and `PATCH /users/<id>` go through batch loaders of the
+worker (service/db/batch.py), so that under load concurrent requests of one kind share a
+statement: reads one `WHERE id = ANY(...)`, creates one `INSERT ... SELECT FROM unnest(...)`,
+updates one `UPDATE ... FROM unnest(...)`. A request never joins a statement already sent, so
+it sees every write committed before it was asked. A page (`GET /users`) and a delete are a
+statement of their own. A statement is one transaction, so a batch of
+writes is stored whole or not at all, and each request is answered only once it committed.
+Concurrent requests have no order among them, so a batch may make its writes in any order; it
+makes each exactly once:
+
+* a batch statement that fails with a conflict (a unique violation: two creates of one email
+  in one batch, or an email already taken; a deadlock) has stored nothing, and then each of
+  its writes runs alone, in its own request, with its own answer (201, 409, 404, ...);
+* an update of a user that an earlier update in the same batch changes runs alone, after
+  that batch, so that each update's answer is the row as it left it;
+* a batch never waits for another transaction's lock on a row (`SKIP LOCKED`): an update of
+  a row locked elsewhere runs alone and waits for that lock by itself, so one locked row
+  holds up its own update only (an update of a missing user also runs alone, to its 404);
+* a request that gives up before its batch's statement holds a connection (its wait ran out)
+  is not in the statement, nor is one whose client hung up by then (499, as `get_db()` does
+  it): what it asked is not done.
+
+A write that runs alone may wait for a connection only what is left of DB_POOL_TIMEOUT.
 Uniqueness of email is the database's job (a unique index): a race between two creators ends
 in one 201 and one 409, never in two rows.
 """
@@ -11,20 +33,25 @@ in one 201 and one 409, never in two rows.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg2.errors
+import psycopg2.extensions
 from flask import Blueprint, current_app, request
 
+from service.api import client
 from service.api.errors import ApiError
 from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
-from service.db import PoolTimeout, current_pool, get_db
+from service.db import ClientGone, Cursor, PoolTimeout, current_pool, get_db
 from service.db.batch import BatchLoader
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
 LOADER = "service.api.users.loader"
+CREATES = "service.api.users.creates"
+UPDATES = "service.api.users.updates"
 
 NAME_MAX = 200
 EMAIL_MAX = 254
@@ -38,15 +65,34 @@ _CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 NAME_PATTERN = rf"^[^{_CONTROL_CHARS}]*[^\s{_CONTROL_CHARS}][^{_CONTROL_CHARS}]*$"
 
 
+# A batch statement that fails with one of these stored nothing: each write then runs alone.
+_CONFLICTS = (
+    psycopg2.IntegrityError,
+    psycopg2.extensions.TransactionRollbackError,  # a deadlock between two batches
+    psycopg2.errors.LockNotAvailable,
+)
+
+
+class _Write:
+    """One request's create or update, a key of a batch loader: equal to itself alone."""
+
+    __slots__ = ("email", "name", "sock", "uid")
+
+    def __init__(self, uid: int | None, fields: dict[str, str]) -> None:
+        self.uid = uid
+        self.name = fields.get("name")
+        self.email = fields.get("email")
+        self.sock = client.socket_of_request()  # its client's, to see whether it hung up
+
+
+class _Alone(Exception):
+    """Its batch could not make this write: its request makes it alone."""
+
+
 @bp.post("")
 def create_user():
     fields = _read_fields(required=True)
-    with _unique_email(), get_db(autocommit=True) as db:
-        db.execute(
-            f"INSERT INTO users (name, email) VALUES (%(name)s, %(email)s) RETURNING {_COLUMNS}",
-            fields,
-        )
-        user = db.fetchone()
+    user = _write(CREATES, _Write(None, fields), _insert_one)
     return _public(user), 201, {"Location": f"/users/{user['id']}"}
 
 
@@ -74,16 +120,24 @@ def get_user(user_id: str):
     return _public(_found(current_app.extensions[LOADER].get(uid)))
 
 
-def user_loader() -> BatchLoader:
-    """One worker's loader of users by id, whose concurrent lookups share queries
-    (service/db/batch.py); `create_app` keeps it in `app.extensions[LOADER]`."""
+def batch_loaders() -> dict[str, BatchLoader]:
+    """One worker's batch loaders (service/db/batch.py), by the key `create_app` keeps each
+    under in `app.extensions`: users by id, creates and updates."""
+    return {
+        LOADER: _loader(_users_by_id, metrics.lookups_answered),
+        CREATES: _loader(_create_users, metrics.batch_answered("create")),
+        UPDATES: _loader(_update_users, metrics.batch_answered("update")),
+    }
+
+
+def _loader(fetch, answered: Callable[[int], None]) -> BatchLoader:
     return BatchLoader(
-        _users_by_id,
+        fetch,
         turn_timeout=_turn_timeout,
         answer_timeout=_answer_timeout,
         timed_out=_no_connection_in_time,
         waited=logs.add_pool_wait,
-        answered=metrics.lookups_answered,
+        answered=answered,
     )
 
 
@@ -108,12 +162,10 @@ def _no_connection_in_time() -> PoolTimeout:
     return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
 
 
-def _users_by_id(
-    ids: Sequence[int], waited_s: float, connected: Callable[[], None]
-) -> dict[int, dict]:
+def _users_by_id(waited_s: float, connected: Callable[[], Sequence[int]]) -> dict[int, dict]:
     # The wait for its turn counts against the wait for a connection.
     with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
-        connected()
+        ids = connected()
         db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
         return {row["id"]: row for row in db.fetchall()}
 
@@ -122,14 +174,104 @@ def _users_by_id(
 def update_user(user_id: str):
     uid = _parse_id(user_id)
     fields = _read_fields(required=False)
-    with _unique_email(), get_db(autocommit=True) as db:
-        db.execute(
-            "UPDATE users SET name = COALESCE(%(name)s, name),"
-            f" email = COALESCE(%(email)s, email) WHERE id = %(id)s RETURNING {_COLUMNS}",
-            {"name": None, "email": None, **fields, "id": uid},
-        )
-        user = db.fetchone()
-    return _public(_found(user))
+    return _public(_found(_write(UPDATES, _Write(uid, fields), _update_one)))
+
+
+def _write(loader: str, write: _Write, alone: Callable[[Cursor, _Write], dict | None]):
+    """The row `write` left (None: no such user), made in a batch statement of the worker's
+    `loader`, or alone when its batch could not make it (module docstring)."""
+    asked = time.perf_counter()
+    with _unique_email():
+        try:
+            return current_app.extensions[loader].get(write)
+        except _Alone:
+            left = current_pool().timeout - (time.perf_counter() - asked)
+            with get_db(max(0.0, left), autocommit=True) as db:
+                return alone(db, write)
+
+
+def _insert_one(db: Cursor, write: _Write) -> dict:
+    db.execute(
+        f"INSERT INTO users (name, email) VALUES (%s, %s) RETURNING {_COLUMNS}",
+        (write.name, write.email),
+    )
+    return db.fetchone()
+
+
+def _update_one(db: Cursor, write: _Write) -> dict | None:
+    db.execute(
+        "UPDATE users SET name = COALESCE(%s, name), email = COALESCE(%s, email)"
+        f" WHERE id = %s RETURNING {_COLUMNS}",
+        (write.name, write.email, write.uid),
+    )
+    return db.fetchone()
+
+
+def _still_wanted(writes: list[_Write]) -> tuple[list[_Write], dict]:
+    """The writes whose clients are still there, and `ClientGone` for each of the others."""
+    gone = {
+        write: ClientGone("the client hung up while its write waited")
+        for write in writes
+        if client.closed(write.sock)
+    }
+    return [write for write in writes if write not in gone], gone
+
+
+def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
+    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+        creates, answers = _still_wanted(connected())
+        if len(creates) <= 1:
+            answers.update({write: _insert_one(db, write) for write in creates})
+        else:
+            # Sorted, so that two batches sharing emails take the index's entries in one order.
+            ordered = sorted(creates, key=lambda write: write.email)
+            try:
+                db.execute(
+                    "INSERT INTO users (name, email)"
+                    f" SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING {_COLUMNS}",
+                    ([write.name for write in ordered], [write.email for write in ordered]),
+                )
+            except _CONFLICTS:
+                raise _Alone() from None
+            by_email = {row["email"]: row for row in db.fetchall()}
+            answers.update({write: by_email[write.email] for write in creates})
+    return answers
+
+
+def _update_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
+    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+        updates, answers = _still_wanted(connected())
+        if len(updates) <= 1:
+            answers.update({write: _update_one(db, write) for write in updates})
+            return answers
+        first: dict[int, _Write] = {}  # the first update of each user; the others run alone
+        for write in updates:
+            first.setdefault(write.uid, write)
+        ordered = list(first.values())
+        try:
+            db.execute(
+                "WITH w AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+                " AS w(id, name, email)),"
+                " free AS (SELECT id FROM users WHERE id IN (SELECT id FROM w)"
+                " FOR UPDATE SKIP LOCKED)"
+                " UPDATE users AS u SET name = COALESCE(w.name, u.name),"
+                " email = COALESCE(w.email, u.email)"
+                " FROM w WHERE u.id = w.id AND u.id IN (SELECT id FROM free)"
+                " RETURNING u.id, u.name, u.email, u.created_at",
+                (
+                    [write.uid for write in ordered],
+                    [write.name for write in ordered],
+                    [write.email for write in ordered],
+                ),
+            )
+        except _CONFLICTS:
+            raise _Alone() from None
+        by_id = {row["id"]: row for row in db.fetchall()}
+    # Not updated: missing, locked elsewhere, or not the first of its user; each alone.
+    for write in updates:
+        made = first[write.uid] is write and write.uid in by_id
+        answers[write] = by_id[write.uid] if made else _Alone()
+    return answers
 
 
 @bp.delete("/<user_id>")

@@ -1,4 +1,4 @@
-"""A batch loader: concurrent reads of single rows by key, answered by one query.
+"""A batch loader: concurrent requests for one kind of statement, answered by one statement.
 
 A worker under load spends its time in Python, and each database round trip costs it a pool
 checkout, a statement to build and send, and a wake-up when the answer comes, besides the
@@ -11,6 +11,11 @@ is worth on the realistic mix: docs/performance.md.
 
 A lookup never joins a query already sent, so it sees every write committed before it was
 asked, just as a query of its own would.
+
+A key may be a write (service/api/users.py batches creates and updates this way): the keys a
+query is sent for are read once it holds its connection, so a write whose request gave up
+before that is not made; and `fetch` may answer a key with an exception, which that key's
+lookup alone raises (a write that must run on its own, say).
 
 Each lookup keeps its own deadline for waiting: until its query holds a connection it may
 leave, with the pool's 503, when its time (`turn_timeout()`, DB_POOL_TIMEOUT) runs out; after
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from gevent.event import Event
@@ -40,12 +45,11 @@ MAX_KEYS = 500  # a batch this large is sent as it is; later lookups start the n
 class _Batch:
     """Lookups that go in one query, and, once it returned, its answer."""
 
-    __slots__ = ("closed", "counted", "done", "error", "keys", "left", "rows", "sent_at")
+    __slots__ = ("closed", "counted", "done", "error", "keys", "rows", "sent_at")
 
     def __init__(self, key: Hashable) -> None:
-        self.keys = [key]
+        self.keys = [key]  # of the lookups in it: one that gives up before it is sent leaves
         self.counted = 0  # its lookups counted in `BatchLoader.waiting`
-        self.left = 0  # its lookups that gave up before it was sent
         self.closed = False  # sent or given up: it counts no longer, and takes no one in
         self.sent_at = 0.0  # when its query got a connection (0: it did not)
         self.done = Event()
@@ -56,10 +60,12 @@ class _Batch:
 class BatchLoader:
     """Lookups by key for one worker's greenlets: at most `in_flight` queries at once.
 
-    `fetch(keys, waited_s, connected)` runs one query for all `keys` and returns their rows by
-    key, a key without a row left out; `waited_s` is how long the lookup that sends it already
-    waited for its turn, to be taken off its wait for a connection, and `connected()` must be
-    called once it holds one. `turn_timeout()` is how long a lookup may wait for its query to
+    `fetch(waited_s, connected)` runs one query and returns its rows by key, a key without a
+    row left out, or an exception for a key whose lookup alone should raise it. `waited_s` is
+    how long the lookup that sends it already waited for its turn, to be taken off its wait
+    for a connection; `connected()` must be called once it holds one, and returns the keys to
+    answer: those of the lookups still in the batch, a key asked twice there twice.
+    `turn_timeout()` is how long a lookup may wait for its query to
     get a connection, and `timed_out()` the error when it did not; `answer_timeout()` is how long
     it then waits for the answer (the sender's statement deadline, and a little more), after which
     it gets `DatabaseUnavailable`, never a wait without end. `waited(seconds)` is told, in
@@ -69,7 +75,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        fetch: Callable[[Sequence[Hashable], float, Callable[[], None]], dict[Hashable, Any]],
+        fetch: Callable[[float, Callable[[], list[Hashable]]], dict[Hashable, Any]],
         *,
         turn_timeout: Callable[[], float],
         answer_timeout: Callable[[], float],
@@ -108,7 +114,7 @@ class BatchLoader:
             if self._join(batch, key, asked, deadline):
                 if batch.error is not None:
                     raise _again(batch.error) from batch.error
-                return batch.rows.get(key)
+                return _answer(batch, key)
             # Its sender gave up before the query held a connection: this one goes on.
 
     def _join(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> bool:
@@ -134,7 +140,7 @@ class BatchLoader:
         finally:
             if not batch.closed:  # leaving, out of time or killed
                 self._count(batch, -1)
-                batch.left += 1
+                batch.keys.remove(key)
         if not batch.sent_at:
             return False  # its wait goes on, and is told once it ends
         self._waited(batch.sent_at - asked)
@@ -147,10 +153,10 @@ class BatchLoader:
             waited_s = time.perf_counter() - asked
             try:
                 self._waited(waited_s)
-                batch.rows = self._fetch(batch.keys, waited_s, lambda: self._sent(batch))
+                batch.rows = self._fetch(waited_s, lambda: self._sent(batch))
             finally:
                 self._slots.release()
-            self._answered(len(batch.keys) - batch.left)
+            self._answered(len(batch.keys))
         except Exception as exc:
             if batch.sent_at:  # the query's own failure; before that, the others go on
                 batch.error = exc
@@ -162,7 +168,7 @@ class BatchLoader:
         finally:
             self._close(batch)  # given up unsent, if it got no connection
             batch.done.set()
-        return batch.rows.get(key)
+        return _answer(batch, key)
 
     def _collect(self, batch: _Batch, asked: float, deadline: float) -> None:
         """Wait for a turn, while later lookups join `batch`."""
@@ -178,9 +184,10 @@ class BatchLoader:
             self._waited(time.perf_counter() - asked)
             raise self._timed_out()
 
-    def _sent(self, batch: _Batch) -> None:
+    def _sent(self, batch: _Batch) -> list[Hashable]:
         batch.sent_at = time.perf_counter()
         self._close(batch)
+        return batch.keys
 
     def _close(self, batch: _Batch) -> None:
         if not batch.closed:
@@ -207,6 +214,14 @@ def _wait(event: Event, timeout: float) -> None:
     """
     if not event.is_set():
         event.wait(timeout)
+
+
+def _answer(batch: _Batch, key: Hashable) -> Any:
+    """`key`'s row in its batch's answer, or None; or what `fetch` answered it with, raised."""
+    answer = batch.rows.get(key)
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 def _again(error: BaseException) -> BaseException:

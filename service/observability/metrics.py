@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
@@ -71,6 +72,12 @@ LOOKUP_QUERIES = Counter(
     "db_lookup_queries",
     "Queries sent for those lookups: fewer than lookups when lookups shared a query",
 )
+BATCHED = Counter(
+    "db_batched_requests",
+    "Creates and updates of users that a batch loader's statement was sent for",
+    ["kind"],
+)
+BATCH_STATEMENTS = Counter("db_batch_statements", "Statements sent for those requests", ["kind"])
 REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
@@ -125,6 +132,18 @@ def lookups_answered(lookups: int) -> None:
     """One query answered `lookups` lookups (service/db/batch.py)."""
     LOOKUPS.inc(lookups)
     LOOKUP_QUERIES.inc()
+
+
+def batch_answered(kind: str) -> Callable[[int], None]:
+    """What a batch loader of `kind` (create, update) tells: one statement was sent for
+    `count` requests."""
+    requests, statements = BATCHED.labels(kind), BATCH_STATEMENTS.labels(kind)
+
+    def answered(count: int) -> None:
+        requests.inc(count)
+        statements.inc()
+
+    return answered
 
 
 def register(app: Flask) -> None:
