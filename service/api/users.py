@@ -5,27 +5,36 @@ is one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEG
 
 `GET /users/<id>`, `POST /users` and `PATCH /users/<id>` go through batch loaders of the
 worker (service/db/batch.py), so that under load concurrent requests of one kind share a
-statement: reads one `WHERE id = ANY(...)`, creates one `INSERT ... SELECT FROM unnest(...)`,
-updates one `UPDATE ... FROM unnest(...)`. A request never joins a statement already sent, so
-it sees every write committed before it was asked. A page (`GET /users`) and a delete are a
-statement of their own. A statement is one transaction, so a batch of
-writes is stored whole or not at all, and each request is answered only once it committed.
-Concurrent requests have no order among them, so a batch may make its writes in any order; it
-makes each exactly once:
+statement: reads one `WHERE id = ANY(...)`, creates one `INSERT ... SELECT FROM unnest(...)
+ON CONFLICT (email) DO NOTHING`, updates one `UPDATE ... FROM unnest(...)`. A request never
+joins a statement already sent, so it sees every write committed before it was asked. A page
+(`GET /users`) and a delete are a statement of their own.
 
-* a batch statement that fails with a conflict (a unique violation: two creates of one email
-  in one batch, or an email already taken; a deadlock) has stored nothing, and then each of
-  its writes runs alone, in its own request, with its own answer (201, 409, 404, ...);
-* an update of a user that an earlier update in the same batch changes runs alone, after
-  that batch, so that each update's answer is the row as it left it;
-* a batch never waits for another transaction's lock on a row (`SKIP LOCKED`): an update of
-  a row locked elsewhere runs alone and waits for that lock by itself, so one locked row
-  holds up its own update only (an update of a missing user also runs alone, to its 404);
-* a request that gives up before its batch's statement holds a connection (its wait ran out)
-  is not in the statement, nor is one whose client hung up by then (499, as `get_db()` does
-  it): what it asked is not done.
+A statement is one transaction: a batch's writes are stored together or not at all, and each
+request is answered once its statement committed. Concurrent requests have no order among
+them, so a batch may make its writes in any order; it makes each exactly once, or not at all:
 
-A write that runs alone may wait for a connection only what is left of DB_POOL_TIMEOUT.
+* creates of an email already taken, or taken by an earlier create of the same batch, get 409
+  (`ON CONFLICT DO NOTHING` stores the others);
+* an update of a user that an earlier update of the same batch changes runs alone, after
+  that batch, so that each update's answer is the row as its own update left it;
+* an update batch skips rows locked by another transaction (`SKIP LOCKED`): an update of such
+  a row runs alone and waits for that lock by itself; an update of a missing user also runs
+  alone, to its 404;
+* an update batch that fails on a conflict (an email taken, a deadlock) stored nothing, and
+  each of its updates runs alone, with its own answer (200, 404, 409);
+* a request whose wait ran out before its batch's statement held a connection is not in the
+  statement (503), nor is one whose client hung up by then (499, as with `get_db()`).
+
+What a batch cannot promise better than a single statement: a create or an email change whose
+email another transaction has inserted and not yet committed waits for that transaction, and
+its batch with it. A statement whose answer is lost (the connection breaks after sending it,
+or no answer comes within the statement deadline) answers 503 to every write of its batch,
+though the server may have committed them.
+
+A write that runs alone waits for a connection only what is left of DB_POOL_TIMEOUT (503 at
+once when nothing is left), then up to the statement timeout for its statement: at worst the
+pool timeout and two statement timeouts in all, where a single statement takes one.
 Uniqueness of email is the database's job (a unique index): a race between two creators ends
 in one 201 and one 409, never in two rows.
 """
@@ -38,7 +47,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import psycopg2.errors
-import psycopg2.extensions
 from flask import Blueprint, current_app, request
 
 from service.api import client
@@ -65,12 +73,9 @@ _CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 NAME_PATTERN = rf"^[^{_CONTROL_CHARS}]*[^\s{_CONTROL_CHARS}][^{_CONTROL_CHARS}]*$"
 
 
-# A batch statement that fails with one of these stored nothing: each write then runs alone.
-_CONFLICTS = (
-    psycopg2.IntegrityError,
-    psycopg2.extensions.TransactionRollbackError,  # a deadlock between two batches
-    psycopg2.errors.LockNotAvailable,
-)
+# A batch statement that fails with one of these (SQLSTATE: unique violation, serialization
+# failure, deadlock, lock not available) stored nothing: each of its writes then runs alone.
+_CONFLICTS = frozenset({"23505", "40001", "40P01", "55P03"})
 
 
 class _Write:
@@ -125,9 +130,14 @@ def batch_loaders() -> dict[str, BatchLoader]:
     under in `app.extensions`: users by id, creates and updates."""
     return {
         LOADER: _loader(_users_by_id, metrics.lookups_answered),
-        CREATES: _loader(_create_users, metrics.batch_answered("create")),
-        UPDATES: _loader(_update_users, metrics.batch_answered("update")),
+        # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
+        CREATES: _loader(_create_users, _uncounted),
+        UPDATES: _loader(_update_users, _uncounted),
     }
+
+
+def _uncounted(requests: int) -> None:
+    pass
 
 
 def _loader(fetch, answered: Callable[[int], None]) -> BatchLoader:
@@ -186,7 +196,9 @@ def _write(loader: str, write: _Write, alone: Callable[[Cursor, _Write], dict | 
             return current_app.extensions[loader].get(write)
         except _Alone:
             left = current_pool().timeout - (time.perf_counter() - asked)
-            with get_db(max(0.0, left), autocommit=True) as db:
+            if left <= 0:
+                raise _no_connection_in_time() from None
+            with get_db(left, autocommit=True) as db:
                 return alone(db, write)
 
 
@@ -220,58 +232,71 @@ def _still_wanted(writes: list[_Write]) -> tuple[list[_Write], dict]:
 def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
     with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
         creates, answers = _still_wanted(connected())
-        if len(creates) <= 1:
-            answers.update({write: _insert_one(db, write) for write in creates})
-        else:
+        first: dict[str, _Write] = {}  # the first create of each email; the others are 409
+        for write in creates:
+            first.setdefault(write.email, write)
+        by_email = {}
+        if first:
             # Sorted, so that two batches sharing emails take the index's entries in one order.
-            ordered = sorted(creates, key=lambda write: write.email)
-            try:
+            ordered = sorted(first.values(), key=lambda write: write.email)
+            metrics.batch_sent("create", len(ordered))
+            with _alone_on_conflict():
                 db.execute(
                     "INSERT INTO users (name, email)"
-                    f" SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING {_COLUMNS}",
+                    " SELECT * FROM unnest(%s::text[], %s::text[])"
+                    f" ON CONFLICT (email) DO NOTHING RETURNING {_COLUMNS}",
                     ([write.name for write in ordered], [write.email for write in ordered]),
                 )
-            except _CONFLICTS:
-                raise _Alone() from None
             by_email = {row["email"]: row for row in db.fetchall()}
-            answers.update({write: by_email[write.email] for write in creates})
+    for write in creates:
+        made = first[write.email] is write and write.email in by_email
+        answers[write] = by_email[write.email] if made else _email_taken()
     return answers
 
 
 def _update_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
     with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
         updates, answers = _still_wanted(connected())
-        if len(updates) <= 1:
-            answers.update({write: _update_one(db, write) for write in updates})
-            return answers
         first: dict[int, _Write] = {}  # the first update of each user; the others run alone
         for write in updates:
             first.setdefault(write.uid, write)
-        ordered = list(first.values())
-        try:
-            db.execute(
-                "WITH w AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
-                " AS w(id, name, email)),"
-                " free AS (SELECT id FROM users WHERE id IN (SELECT id FROM w)"
-                " FOR UPDATE SKIP LOCKED)"
-                " UPDATE users AS u SET name = COALESCE(w.name, u.name),"
-                " email = COALESCE(w.email, u.email)"
-                " FROM w WHERE u.id = w.id AND u.id IN (SELECT id FROM free)"
-                " RETURNING u.id, u.name, u.email, u.created_at",
-                (
-                    [write.uid for write in ordered],
-                    [write.name for write in ordered],
-                    [write.email for write in ordered],
-                ),
-            )
-        except _CONFLICTS:
-            raise _Alone() from None
-        by_id = {row["id"]: row for row in db.fetchall()}
+        by_id = {}
+        if first:
+            ordered = list(first.values())
+            metrics.batch_sent("update", len(ordered))
+            with _alone_on_conflict():
+                db.execute(
+                    "WITH w AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
+                    " AS w(id, name, email)),"
+                    " free AS (SELECT id FROM users WHERE id IN (SELECT id FROM w)"
+                    " FOR UPDATE SKIP LOCKED)"
+                    " UPDATE users AS u SET name = COALESCE(w.name, u.name),"
+                    " email = COALESCE(w.email, u.email)"
+                    " FROM w WHERE u.id = w.id AND u.id IN (SELECT id FROM free)"
+                    " RETURNING u.id, u.name, u.email, u.created_at",
+                    (
+                        [write.uid for write in ordered],
+                        [write.name for write in ordered],
+                        [write.email for write in ordered],
+                    ),
+                )
+            by_id = {row["id"]: row for row in db.fetchall()}
     # Not updated: missing, locked elsewhere, or not the first of its user; each alone.
     for write in updates:
         made = first[write.uid] is write and write.uid in by_id
         answers[write] = by_id[write.uid] if made else _Alone()
     return answers
+
+
+@contextmanager
+def _alone_on_conflict() -> Iterator[None]:
+    """A batch statement's conflict (`_CONFLICTS`) sends each of its writes to run alone."""
+    try:
+        yield
+    except psycopg2.Error as exc:
+        if exc.pgcode in _CONFLICTS:
+            raise _Alone() from None
+        raise
 
 
 @bp.delete("/<user_id>")
@@ -350,7 +375,11 @@ def _unique_email() -> Iterator[None]:
     try:
         yield
     except psycopg2.errors.UniqueViolation as exc:
-        raise ApiError(409, "email_taken", "a user with this email already exists") from exc
+        raise _email_taken() from exc
+
+
+def _email_taken() -> ApiError:
+    return ApiError(409, "email_taken", "a user with this email already exists")
 
 
 def _public(user: dict) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import (
@@ -72,12 +71,10 @@ LOOKUP_QUERIES = Counter(
     "db_lookup_queries",
     "Queries sent for those lookups: fewer than lookups when lookups shared a query",
 )
-BATCHED = Counter(
-    "db_batched_requests",
-    "Creates and updates of users that a batch loader's statement was sent for",
-    ["kind"],
+BATCHED_WRITES = Counter(
+    "db_batched_writes", "Creates and updates of users sent in batch statements", ["kind"]
 )
-BATCH_STATEMENTS = Counter("db_batch_statements", "Statements sent for those requests", ["kind"])
+BATCH_STATEMENTS = Counter("db_batch_statements", "Batch statements sent for them", ["kind"])
 REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
@@ -134,16 +131,10 @@ def lookups_answered(lookups: int) -> None:
     LOOKUP_QUERIES.inc()
 
 
-def batch_answered(kind: str) -> Callable[[int], None]:
-    """What a batch loader of `kind` (create, update) tells: one statement was sent for
-    `count` requests."""
-    requests, statements = BATCHED.labels(kind), BATCH_STATEMENTS.labels(kind)
-
-    def answered(count: int) -> None:
-        requests.inc(count)
-        statements.inc()
-
-    return answered
+def batch_sent(kind: str, writes: int) -> None:
+    """A batch statement of `kind` (create, update) goes out with `writes` writes in it."""
+    BATCHED_WRITES.labels(kind).inc(writes)
+    BATCH_STATEMENTS.labels(kind).inc()
 
 
 def register(app: Flask) -> None:
