@@ -131,10 +131,17 @@ def lookups_answered(lookups: int) -> None:
     LOOKUP_QUERIES.inc()
 
 
+# Looked up once per kind, in the worker (a child made before fork would write as the master).
+_batches: dict[str, tuple[Counter, Counter]] = {}
+
+
 def batch_sent(kind: str, writes: int) -> None:
     """A batch statement of `kind` (create, update) goes out with `writes` writes in it."""
-    BATCHED_WRITES.labels(kind).inc(writes)
-    BATCH_STATEMENTS.labels(kind).inc()
+    counters = _batches.get(kind)
+    if counters is None:
+        counters = _batches[kind] = BATCHED_WRITES.labels(kind), BATCH_STATEMENTS.labels(kind)
+    counters[0].inc(writes)
+    counters[1].inc()
 
 
 def register(app: Flask) -> None:
