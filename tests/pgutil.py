@@ -123,9 +123,10 @@ class Sampler(Generic[T]):
 
 
 @contextmanager
-def users_locked(dsn: str) -> Iterator[None]:
-    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits."""
-    conn = psycopg2.connect(dsn, connect_timeout=5)
+def users_locked(dsn: str, application_name: str = "") -> Iterator[None]:
+    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits. The lock
+    holder's connection goes by `application_name`, if given."""
+    conn = psycopg2.connect(dsn, connect_timeout=5, application_name=application_name)
     try:
         with conn.cursor() as cur:
             cur.execute("SET LOCAL lock_timeout = '5s'")

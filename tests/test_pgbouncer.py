@@ -26,13 +26,14 @@ import pytest
 from gevent.event import Event
 from gunicorn_proc import Gunicorn, request, wait_until
 from pgbouncer import PgBouncer
-from pgutil import Sampler, autocommit, backends, fresh_database, seed_users
+from pgutil import Sampler, autocommit, backends, fresh_database, seed_users, users_locked
 from psycopg2 import sql
 
 from service.db import DatabaseUnavailable, Pool, StatementTimeout
 from service.db.budget import read_limits
 
 POOL_SIZE = 6  # PgBouncer's server connections for the service's database
+LOCKER = "test-locker"  # the application_name of a test's own lock holder
 INSTANCES = 3
 STATEMENT_TIMEOUT_MS = 500
 INSTANCE_ENV = {
@@ -129,14 +130,23 @@ def test_300_concurrent_requests_through_pgbouncer_all_succeed_within_its_pool(
     ]
     ports = cycle(gunicorn.port for gunicorn in instances)
     go, connected = Event(), []
-    # The real server's connections to the database, other than the sampler's: PgBouncer's.
-    with Sampler(server_database, lambda cur: len(backends(cur))) as sampler:
-        clients = [
-            gevent.spawn(request, next(ports), method, path, body, go=go, connected=connected)
-            for method, path, body in requests
-        ]
-        wait_until(lambda: len(connected) == len(requests), 20, "300 open connections")
-        go.set()
+
+    # The real server's connections to the database, other than the sampler's and the lock
+    # holder's: PgBouncer's.
+    def bouncers(cur) -> int:
+        return sum(b["application_name"] != LOCKER for b in backends(cur))
+
+    with Sampler(server_database, bouncers) as sampler:
+        # The requests pile up behind a lock for a while, so that the sampler sees them all
+        # wanting the server at once, however quickly they are then answered.
+        with users_locked(server_database, LOCKER):
+            clients = [
+                gevent.spawn(request, next(ports), method, path, body, go=go, connected=connected)
+                for method, path, body in requests
+            ]
+            wait_until(lambda: len(connected) == len(requests), 20, "300 open connections")
+            go.set()
+            wait_until(lambda: len(sampler.samples) >= 10, 10, "the sampler to see the pile-up")
         finished = gevent.joinall(clients, timeout=40)
     assert len(finished) == len(requests)
 
