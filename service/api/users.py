@@ -172,9 +172,14 @@ def _no_connection_in_time() -> PoolTimeout:
     return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
 
 
+def _batch_db(waited_s: float):
+    """`get_db()` for a batch's statement: the sender's wait for its turn (`waited_s`) counts
+    against its wait for a connection."""
+    return get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True)
+
+
 def _users_by_id(waited_s: float, connected: Callable[[], Sequence[int]]) -> dict[int, dict]:
-    # The wait for its turn counts against the wait for a connection.
-    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+    with _batch_db(waited_s) as db:
         ids = connected()
         db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
         return {row["id"]: row for row in db.fetchall()}
@@ -230,7 +235,7 @@ def _still_wanted(writes: list[_Write]) -> tuple[list[_Write], dict]:
 
 
 def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
-    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+    with _batch_db(waited_s) as db:
         creates, answers = _still_wanted(connected())
         first: dict[str, _Write] = {}  # the first create of each email; the others are 409
         for write in creates:
@@ -255,7 +260,7 @@ def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dic
 
 
 def _update_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
-    with get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True) as db:
+    with _batch_db(waited_s) as db:
         updates, answers = _still_wanted(connected())
         first: dict[int, _Write] = {}  # the first update of each user; the others run alone
         for write in updates:
