@@ -131,16 +131,12 @@ def batch_loaders() -> dict[str, BatchLoader]:
     return {
         LOADER: _loader(_users_by_id, metrics.lookups_answered),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
-        CREATES: _loader(_create_users, _uncounted),
-        UPDATES: _loader(_update_users, _uncounted),
+        CREATES: _loader(_create_users),
+        UPDATES: _loader(_update_users),
     }
 
 
-def _uncounted(requests: int) -> None:
-    pass
-
-
-def _loader(fetch, answered: Callable[[int], None]) -> BatchLoader:
+def _loader(fetch, answered: Callable[[int], None] | None = None) -> BatchLoader:
     return BatchLoader(
         fetch,
         turn_timeout=_turn_timeout,

@@ -69,8 +69,8 @@ class BatchLoader:
     get a connection, and `timed_out()` the error when it did not; `answer_timeout()` is how long
     it then waits for the answer (the sender's statement deadline, and a little more), after which
     it gets `DatabaseUnavailable`, never a wait without end. `waited(seconds)` is told, in
-    each lookup's greenlet, how long it waited for that, and `answered(lookups)`, per query,
-    how many lookups it answered.
+    each lookup's greenlet, how long it waited for that, and `answered(lookups)`, if given, per
+    query, how many lookups it answered (a `fetch` may count what it sends itself instead).
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class BatchLoader:
         answer_timeout: Callable[[], float],
         timed_out: Callable[[], Exception],
         waited: Callable[[float], None],
-        answered: Callable[[int], None],
+        answered: Callable[[int], None] | None = None,
         in_flight: int = IN_FLIGHT,
         max_keys: int = MAX_KEYS,
     ) -> None:
@@ -156,7 +156,8 @@ class BatchLoader:
                 batch.rows = self._fetch(waited_s, lambda: self._sent(batch))
             finally:
                 self._slots.release()
-            self._answered(len(batch.keys))
+            if self._answered is not None:
+                self._answered(len(batch.keys))
         except Exception as exc:
             if batch.sent_at:  # the query's own failure; before that, the others go on
                 batch.error = exc
