@@ -45,6 +45,7 @@ class Outcome:
 
 def get(port: int, path: str, timeout: float = 20.0, conn=None) -> Outcome:
     """GET `path` on a fresh connection (or on `conn`, already connected) and classify the end.
+    A `path` may start with another method and a space: "DELETE /users/1".
 
     Apart from tests/gunicorn_proc.py's `request`, the tests' one client, because a load test
     counts what `request` raises: this never raises, and records when the request started, was
@@ -53,8 +54,9 @@ def get(port: int, path: str, timeout: float = 20.0, conn=None) -> Outcome:
     started = time.monotonic()
     conn = conn or http.client.HTTPConnection(HOST, port, timeout=timeout)
     sent = None
+    method, _, path = path.rpartition(" ")
     try:
-        conn.request("GET", path)
+        conn.request(method or "GET", path)
         sent = time.monotonic()
         response = conn.getresponse()
         body = json.loads(response.read())  # a cut body fails to read or to parse

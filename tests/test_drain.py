@@ -27,6 +27,7 @@ GRACEFUL_TIMEOUT_S = 25  # gunicorn.conf.py
 READY_503_WITHIN_S = 1.0  # the issue's bound, from the SIGTERM
 MARGIN_S = 0.5  # the test's requests stop this long before the drain ends
 EXIT_WITHIN_S = 3.0  # after the drain or the last request in flight: checks, pool close, reap
+MISSING = "/users/9223372036854775807"  # a user that does not exist
 IN_FLIGHT = 3  # fewer than DB_POOL_MAX: /readyz still finds a free connection before SIGTERM
 SERVER_ENV = {
     "WEB_CONCURRENCY": "2",
@@ -46,9 +47,10 @@ def readyz(port: int) -> tuple[int, str | None]:
 
 
 def requests_on_the_lock(gunicorn: Gunicorn, admin, n: int) -> list[gevent.Greenlet]:
-    """`n` requests for a page of users, started while the caller holds `users_locked`; returns
-    once each waits on the lock with a pooled connection."""
-    clients = [gevent.spawn(request, gunicorn.port, "GET", "/users?limit=1") for _ in range(n)]
+    """`n` deletes of a user that does not exist (404), started while the caller holds
+    `users_locked`; returns once each waits on the lock with a pooled connection of its own
+    (lookups and pages would share statements: service/db/batch.py)."""
+    clients = [gevent.spawn(request, gunicorn.port, "DELETE", MISSING) for _ in range(n)]
     wait_until(lambda: waiting_on_lock(admin, APP_NAME) == n, 10, "requests on the lock")
     return clients
 
@@ -79,7 +81,7 @@ def test_sigterm_drains_readyz_503_at_once_while_requests_are_served_then_refuse
             alive = request(gunicorn.port, "GET", "/healthz")
             assert (alive.status, alive.headers.get("Connection")) == (200, "close")
         # The lock is released during the drain: the requests in flight complete.
-        assert [client.get(timeout=10).status for client in in_flight] == [200] * IN_FLIGHT
+        assert [client.get(timeout=10).status for client in in_flight] == [404] * IN_FLIGHT
         assert time.monotonic() < signalled + DRAIN_S - MARGIN_S, "too slow to test the drain"
 
         served = []
@@ -135,7 +137,7 @@ def test_requests_in_flight_after_the_drain_finish_while_new_connections_are_ref
             assert waiting_on_lock(admin, APP_NAME) == IN_FLIGHT
             assert gunicorn.proc.poll() is None
             released = time.monotonic()
-        assert [client.get(timeout=10).status for client in in_flight] == [200] * IN_FLIGHT
+        assert [client.get(timeout=10).status for client in in_flight] == [404] * IN_FLIGHT
         code = gunicorn.proc.wait(timeout=GRACEFUL_TIMEOUT_S)
         exited = time.monotonic()
         no_connection_left(admin)

@@ -70,17 +70,22 @@ def most_waiting(sampler: Sampler) -> int:
     return max((waiting for _, waiting in sampler.samples), default=0)
 
 
-def fill_pools(port: int, dsn: str, path: str, cur, rounds: int = 5) -> None:
+# One statement per request, on a connection of its own: a delete of a user that does not exist
+# (404, nothing changes). Lookups and pages go through batch loaders and share statements.
+ONE_EACH = ("DELETE", "/users/9223372036854775807")
+
+
+def fill_pools(port: int, dsn: str, cur, rounds: int = 5) -> None:
     """Make every worker open all its connections: requests pile up behind a lock until each
     pool is lent out. Retried: the kernel, not the test, decides which worker accepts what."""
     for _ in range(rounds):
         with users_locked(dsn):
-            clients = [gevent.spawn(request, port, "GET", path) for _ in range(4 * BUDGET)]
+            clients = [gevent.spawn(request, port, *ONE_EACH) for _ in range(4 * BUDGET)]
             # At most 3 s: when one worker took more than its share, the pools stay short of
             # full, and the next round may share the requests out better.
             with suppress(AssertionError):
                 wait_until(lambda: waiting_on_lock(cur, APP_NAME) >= BUDGET, 3, "full pools")
-        assert [c.get(timeout=30).status for c in clients] == [200] * len(clients)
+        assert [c.get(timeout=30).status for c in clients] == [404] * len(clients)
         if len(backends(cur, APP_NAME)) == BUDGET:
             return
     raise AssertionError(f"the pools did not grow to {BUDGET} connections in {rounds} rounds")
@@ -128,7 +133,7 @@ def test_500_concurrent_requests_succeed_within_the_connection_budget(server, da
 
 def test_connections_are_reused_across_1000_requests(server, database_url, admin):
     ids = seed_users(admin, 20)
-    fill_pools(server.port, database_url, "/users?limit=1", admin)
+    fill_pools(server.port, database_url, admin)
     before = sorted(b["pid"] for b in backends(admin, APP_NAME))
     assert len(before) == BUDGET
 
@@ -170,25 +175,22 @@ def test_the_log_names_the_database_but_never_its_password(server, database_url)
 
 @contextmanager
 def requests_on_the_lock(gunicorn: Gunicorn, dsn: str, admin, n: int):
-    """`n` requests for a page of users, each holding a connection while `users` is locked;
-    yields their greenlets once all of them wait on the lock, and releases it on exit. (Lookups
-    of one user by id would share queries: service/lookups.py.)"""
-    seed_users(admin, 1)
+    """`n` requests (ONE_EACH), each holding a connection while `users` is locked; yields their
+    greenlets once all of them wait on the lock, and releases it on exit."""
     with users_locked(dsn):
-        clients = [gevent.spawn(request, gunicorn.port, "GET", "/users?limit=1") for _ in range(n)]
+        clients = [gevent.spawn(request, gunicorn.port, *ONE_EACH) for _ in range(n)]
         wait_until(lambda: waiting_on_lock(admin, APP_NAME) == n, 10, "requests on the lock")
         yield clients
 
 
 @contextmanager
 def requests_in_flight(gunicorn: Gunicorn, dsn: str, admin, n: int):
-    """`n` requests for a page of users while `users` is locked, more than the pools can lend:
+    """`n` requests (ONE_EACH) while `users` is locked, more than the pools can lend:
     yields their greenlets and how many of them hold a connection (waiting on the lock with
     it) once every one is in a worker, holding a connection or waiting for one. Releases the
     lock on exit."""
-    seed_users(admin, 1)
     with users_locked(dsn):
-        clients = [gevent.spawn(request, gunicorn.port, "GET", "/users?limit=1") for _ in range(n)]
+        clients = [gevent.spawn(request, gunicorn.port, *ONE_EACH) for _ in range(n)]
 
         def holding_when_all_inside() -> int:
             holding = metric(gunicorn.port, "db_pool_in_use")
@@ -222,7 +224,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_leaves_no_connection(fresh_d
         assert code == 0
         # Accepted before the SIGTERM, holding a connection or waiting for one: each gets its
         # answer in full (README: gunicorn finishes requests in flight), never a 503.
-        assert [client.get(timeout=5).status for client in clients] == [200] * in_flight
+        assert [client.get(timeout=5).status for client in clients] == [404] * in_flight
         wait_until(lambda: not backends(admin, APP_NAME), 10, "the service's connections to close")
     assert "graceful timeout" not in gunicorn.log
 

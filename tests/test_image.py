@@ -21,6 +21,7 @@ from deploy.localdocker import docker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTHY_WITHIN_S = 60.0  # start period 30 s, checks every 10 s
+MISSING = "/users/9223372036854775807"  # a user that does not exist
 
 
 @pytest.fixture(scope="session")
@@ -152,8 +153,9 @@ def test_docker_stop_drains_readyz_503_at_once_and_every_request_in_flight_is_an
         wait_until(lambda: running.health() == "healthy", HEALTHY_WITHIN_S, "healthy", every=0.5)
         with autocommit(fresh_database) as cur:
             with users_locked(fresh_database):
+                # Deletes of a user that does not exist (404): each holds a connection of its own.
                 in_flight = [
-                    gevent.spawn(request, running.port, "GET", "/users?limit=1", timeout=30)
+                    gevent.spawn(request, running.port, "DELETE", MISSING, timeout=30)
                     for _ in range(8)
                 ]
                 wait_until(lambda: waiting_on_lock(cur, "service") >= 2, 10, "requests on the lock")
@@ -166,7 +168,7 @@ def test_docker_stop_drains_readyz_503_at_once_and_every_request_in_flight_is_an
                 assert request(running.port, "GET", "/healthz").status == 200  # still serving
             gevent.joinall(in_flight, timeout=30)
             assert [g.value.status if g.successful() else g.exception for g in in_flight] == [
-                200
+                404
             ] * 8
             stop.join(timeout=60)
             assert stop.successful(), stop.exception
