@@ -490,9 +490,10 @@ def test_a_storm_on_a_stalled_database_gets_2000_quick_503s_and_leaves_the_pools
     [
         # A delete: each worker lends its connections, one request on each.
         ("delete", ONE_EACH, POOL_MAX, "404"),
-        # A user by id: each worker's first lookup goes alone; those after it join a batch
+        # A user by id, a page: each worker's first goes alone; those after it join a batch
         # behind it (service/db/batch.py) and count as waiting.
         ("lookup", USER, 1, "200"),
+        ("page", "/users?limit=1", 1, "200"),
     ],
 )
 def test_with_a_waiting_cap_excess_requests_get_503_at_once(

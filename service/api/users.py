@@ -3,12 +3,13 @@
 Input is checked completely before any SQL runs, so bad input stores nothing. Every request
 is one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
 
-`GET /users/<id>`, `POST /users` and `PATCH /users/<id>` go through batch loaders of the
-worker (service/db/batch.py), so that under load concurrent requests of one kind share a
-statement: reads one `WHERE id = ANY(...)`, creates one `INSERT ... SELECT FROM unnest(...)
-ON CONFLICT (email) DO NOTHING`, updates one `UPDATE ... FROM unnest(...)`. A request never
-joins a statement already sent, so it sees every write committed before it was asked. A page
-(`GET /users`) and a delete are a statement of their own.
+`GET /users/<id>`, `GET /users`, `POST /users` and `PATCH /users/<id>` go through batch
+loaders of the worker (service/db/batch.py), so that under load concurrent requests of one
+kind share a statement: reads one `WHERE id = ANY(...)`, pages one `CROSS JOIN LATERAL` over
+the pages asked for (requests for the same page share its rows), creates one `INSERT ...
+SELECT FROM unnest(...) ON CONFLICT (email) DO NOTHING`, updates one `UPDATE ... FROM
+unnest(...)`. A request never joins a statement already sent, so it sees every write
+committed before it was asked. A delete is a statement of its own.
 
 A statement is one transaction: a batch's writes are stored together or not at all, and each
 request is answered once its statement committed. Concurrent requests have no order among
@@ -53,14 +54,16 @@ from service.api import client
 from service.api.errors import ApiError
 from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
 from service.db import ClientGone, Cursor, PoolTimeout, current_pool, get_db
-from service.db.batch import BatchLoader
+from service.db.batch import MAX_KEYS, BatchLoader
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
 LOADER = "service.api.users.loader"
+PAGES = "service.api.users.pages"
 CREATES = "service.api.users.creates"
 UPDATES = "service.api.users.updates"
 
+PAGES_PER_QUERY = 50  # requests; a page asked twice is fetched once
 NAME_MAX = 200
 EMAIL_MAX = 254
 FIELDS = ("name", "email")
@@ -105,15 +108,9 @@ def create_user():
 def list_users():
     limit = parse_limit(request.args.get("limit"))
     after = decode_cursor(request.args.get("cursor"))
-    with get_db(autocommit=True) as db:
-        if after is None:
-            db.execute(f"SELECT {_COLUMNS} FROM users ORDER BY id DESC LIMIT %s", (limit + 1,))
-        else:
-            db.execute(
-                f"SELECT {_COLUMNS} FROM users WHERE id < %s ORDER BY id DESC LIMIT %s",
-                (after, limit + 1),
-            )
-        rows = db.fetchall()
+    # Ids up to `upto`: the page after the cursor's id, or the newest when there is no cursor.
+    upto = BIGINT_MAX if after is None else after - 1
+    rows = current_app.extensions[PAGES].get((upto, limit + 1))
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
     return {"users": [_public(row) for row in page], "next_cursor": next_cursor}
@@ -127,16 +124,20 @@ def get_user(user_id: str):
 
 def batch_loaders() -> dict[str, BatchLoader]:
     """One worker's batch loaders (service/db/batch.py), by the key `create_app` keeps each
-    under in `app.extensions`: users by id, creates and updates."""
+    under in `app.extensions`: users by id, pages, creates and updates."""
     return {
         LOADER: _loader(_users_by_id, metrics.lookups_answered),
+        # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
+        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
         CREATES: _loader(_create_users),
         UPDATES: _loader(_update_users),
     }
 
 
-def _loader(fetch, answered: Callable[[int], None] | None = None) -> BatchLoader:
+def _loader(
+    fetch, answered: Callable[[int], None] | None = None, max_keys: int = MAX_KEYS
+) -> BatchLoader:
     return BatchLoader(
         fetch,
         turn_timeout=_turn_timeout,
@@ -144,6 +145,7 @@ def _loader(fetch, answered: Callable[[int], None] | None = None) -> BatchLoader
         timed_out=_no_connection_in_time,
         waited=logs.add_pool_wait,
         answered=answered,
+        max_keys=max_keys,
     )
 
 
@@ -179,6 +181,31 @@ def _users_by_id(waited_s: float, connected: Callable[[], Sequence[int]]) -> dic
         ids = connected()
         db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
         return {row["id"]: row for row in db.fetchall()}
+
+
+def _pages(waited_s: float, connected: Callable[[], Sequence[tuple[int, int]]]) -> dict:
+    """Each page asked for, `(upto, n)`: the newest `n` users whose id is at most `upto`,
+    newest first; requests for the same page share its rows. One statement for all: a plain
+    query when they all asked for one page (the common case: the newest users), since the
+    lateral join costs PostgreSQL more to plan."""
+    with _batch_db(waited_s) as db:
+        pages = list(set(connected()))
+        if len(pages) == 1:
+            db.execute(
+                f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s", pages[0]
+            )
+            return {pages[0]: db.fetchall()}
+        db.execute(
+            "SELECT p.i AS page_no, u.* FROM unnest(%s::bigint[], %s::int[])"
+            " WITH ORDINALITY AS p(upto, n, i) CROSS JOIN LATERAL"
+            f" (SELECT {_COLUMNS} FROM users WHERE id <= p.upto ORDER BY id DESC LIMIT p.n) u"
+            " ORDER BY p.i, u.id DESC",
+            ([upto for upto, _ in pages], [n for _, n in pages]),
+        )
+        rows: dict[tuple[int, int], list[dict]] = {page: [] for page in pages}
+        for row in db.fetchall():
+            rows[pages[row.pop("page_no") - 1]].append(row)
+        return rows
 
 
 @bp.patch("/<user_id>")

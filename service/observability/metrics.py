@@ -71,6 +71,10 @@ LOOKUP_QUERIES = Counter(
     "db_lookup_queries",
     "Queries sent for those lookups: fewer than lookups when lookups shared a query",
 )
+PAGES = Counter("db_pages", "Pages of users asked for (GET /users)")
+PAGE_QUERIES = Counter(
+    "db_page_queries", "Queries sent for those pages: fewer than pages when pages shared a query"
+)
 BATCHED_WRITES = Counter(
     "db_batched_writes", "Creates and updates of users sent in batch statements", ["kind"]
 )
@@ -129,6 +133,12 @@ def lookups_answered(lookups: int) -> None:
     """One query answered `lookups` lookups (service/db/batch.py)."""
     LOOKUPS.inc(lookups)
     LOOKUP_QUERIES.inc()
+
+
+def pages_answered(pages: int) -> None:
+    """One query answered `pages` requests for pages (service/db/batch.py)."""
+    PAGES.inc(pages)
+    PAGE_QUERIES.inc()
 
 
 # Looked up once per kind, in the worker (a child made before fork would write as the master).
