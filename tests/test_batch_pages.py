@@ -17,7 +17,7 @@ from test_batch_writes import piled_up
 from service.api import users
 from service.api.pagination import encode_cursor
 
-USERS = 30
+USERS = 60
 
 
 def counted(name: str) -> float:
@@ -26,21 +26,23 @@ def counted(name: str) -> float:
 
 def pages_asked(ids: list[int]) -> list[str]:
     """Pages of every shape: the same page three times, other limits, cursors in the middle,
-    at the oldest user (an empty page) and past the newest, the default limit."""
+    at the oldest user (an empty page), past the newest, 0 and 2**63-1, the default limit."""
     newest_first = sorted(ids, reverse=True)
     return [
         "/users?limit=5",
         "/users?limit=5",
         "/users?limit=5",
         "/users?limit=2",
-        "/users?limit=30",  # exactly all: no next cursor
-        "/users?limit=29",
+        "/users?limit=60",  # exactly all: no next cursor
+        "/users?limit=59",
         f"/users?limit=5&cursor={encode_cursor(newest_first[4])}",
         f"/users?limit=5&cursor={encode_cursor(newest_first[4])}",
-        f"/users?limit=10&cursor={encode_cursor(newest_first[20])}",  # the last 9, a short page
+        f"/users?limit=50&cursor={encode_cursor(newest_first[20])}",  # the last 39: a short page
         f"/users?limit=1&cursor={encode_cursor(newest_first[-1])}",  # after the oldest: empty
         f"/users?limit=3&cursor={encode_cursor(newest_first[0] + 1000)}",  # a deleted newest
         "/users",
+        f"/users?limit=4&cursor={encode_cursor(0)}",  # empty
+        f"/users?limit=4&cursor={encode_cursor(2**63 - 1)}",  # the newest
     ]
 
 
@@ -76,19 +78,47 @@ def test_pages_arriving_while_one_runs_share_one_query_and_each_gets_its_own(
     assert [u["id"] for u in alone[6].json["users"]] == newest_first[5:10]
     assert [u["id"] for u in alone[8].json["users"]] == newest_first[21:]
     assert alone[8].json["next_cursor"] is None
+    assert [u["id"] for u in alone[4].json["users"]] == newest_first
     assert alone[4].json["next_cursor"] is None
-    assert alone[5].json["next_cursor"] == encode_cursor(newest_first[28])
+    assert alone[5].json["next_cursor"] == encode_cursor(newest_first[58])
     assert alone[9].json == {"users": [], "next_cursor": None}
     assert [u["id"] for u in alone[10].json["users"]] == newest_first[:3]
-    assert len(alone[11].json["users"]) == USERS
-    # The first went alone at once; the other 12 waited for it, together, and went as one.
+    assert [u["id"] for u in alone[11].json["users"]] == newest_first[:50]
+    assert alone[11].json["next_cursor"] == encode_cursor(newest_first[49])
+    assert alone[12].json == {"users": [], "next_cursor": None}
+    assert [u["id"] for u in alone[13].json["users"]] == newest_first[:4]
+    # The first went alone at once; the other 14 waited for it, together, and went as one.
     assert counted("db_pages") - pages == 1 + len(paths)
     assert counted("db_page_queries") - queries == 2
     assert app.extensions[users.PAGES].waiting == 0
 
 
+def test_requests_for_one_page_share_its_rows(make_app, admin, database_url):
+    """Twenty requests for the newest page while one runs: one plain query answers them all,
+    and a user created before they were asked is on it."""
+    ids = seed_users(admin, 5)
+    app = make_app(DB_POOL_MAX=5)
+    client = app.test_client()
+    created = client.post("/users", json={"name": "new", "email": "new@example.com"}).json
+    pages, queries = counted("db_pages"), counted("db_page_queries")
+
+    answers = piled_up(
+        app,
+        database_url,
+        users.PAGES,
+        lambda: client.get("/users?limit=1"),
+        [lambda: client.get("/users?limit=3") for _ in range(20)],
+    )
+
+    newest = [created["id"], *sorted(ids, reverse=True)[:2]]
+    assert [[u["id"] for u in a.json["users"]] for a in answers[1:]] == [newest] * 20
+    assert {a.json["next_cursor"] for a in answers[1:]} == {encode_cursor(newest[-1])}
+    assert counted("db_pages") - pages == 21
+    assert counted("db_page_queries") - queries == 2
+
+
 def test_through_gunicorn_concurrent_pages_are_each_their_own(database_url, admin, tmp_path):
-    """120 requests for 12 pages of every shape, all at once against 2 workers with 2
+    """140 requests for 11 distinct pages of every shape, all at once against 2 workers with 2
     connections each, piled up behind a lock: each gets the page it asked for, and they
     shared queries."""
     ids = seed_users(admin, USERS)
@@ -104,7 +134,7 @@ def test_through_gunicorn_concurrent_pages_are_each_their_own(database_url, admi
                 )
                 for path in paths
             ]
-            wait_until(lambda: len(connected) == len(paths), 20, "120 open connections")
+            wait_until(lambda: len(connected) == len(paths), 20, "the open connections")
             go.set()
             wait_until(lambda: waiting_on_lock(admin, APP_NAME) >= 1, 20, "the first pages")
         replies = [client.get(timeout=60) for client in clients]

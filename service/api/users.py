@@ -27,6 +27,9 @@ them, so a batch may make its writes in any order; it makes each exactly once, o
 * a request whose wait ran out before its batch's statement held a connection is not in the
   statement (503), nor is one whose client hung up by then (499, as with `get_db()`).
 
+Reads are not asked whether their client hung up while they waited in a batch: such a read
+stays in its shared query, and its answer goes nowhere.
+
 What a batch cannot promise better than a single statement: a create or an email change whose
 email another transaction has inserted and not yet committed waits for that transaction, and
 its batch with it. A statement whose answer is lost (the connection breaks after sending it,

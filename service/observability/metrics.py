@@ -71,7 +71,7 @@ LOOKUP_QUERIES = Counter(
     "db_lookup_queries",
     "Queries sent for those lookups: fewer than lookups when lookups shared a query",
 )
-PAGES = Counter("db_pages", "Pages of users asked for (GET /users)")
+PAGES = Counter("db_pages", "Requests for pages of users (GET /users) answered by page queries")
 PAGE_QUERIES = Counter(
     "db_page_queries", "Queries sent for those pages: fewer than pages when pages shared a query"
 )
