@@ -24,6 +24,18 @@ def counted(name: str) -> float:
     return REGISTRY.get_sample_value(f"{name}_total") or 0.0
 
 
+def pages_piled_up(app, database_url, first: str, rest: list[str]) -> list:
+    """GET `first`, then each of `rest` while its query waits on the lock (piled_up)."""
+    client = app.test_client()
+    return piled_up(
+        app,
+        database_url,
+        users.PAGES,
+        lambda: client.get(first),
+        [lambda path=path: client.get(path) for path in rest],
+    )
+
+
 def pages_asked(ids: list[int]) -> list[str]:
     """Pages of every shape: the same page three times, other limits, cursors in the middle,
     at the oldest user (an empty page), past the newest, 0 and 2**63-1, the default limit."""
@@ -58,13 +70,7 @@ def test_pages_arriving_while_one_runs_share_one_query_and_each_gets_its_own(
     assert [a.status_code for a in alone] == [200] * len(paths)
     pages, queries = counted("db_pages"), counted("db_page_queries")
 
-    answers = piled_up(
-        app,
-        database_url,
-        users.PAGES,
-        lambda: client.get("/users?limit=3"),
-        [lambda path=path: client.get(path) for path in paths],
-    )
+    answers = pages_piled_up(app, database_url, "/users?limit=3", paths)
 
     assert answers[0].json == alone[2].json | {
         "users": alone[2].json["users"][:3],
@@ -102,13 +108,7 @@ def test_requests_for_one_page_share_its_rows(make_app, admin, database_url):
     created = client.post("/users", json={"name": "new", "email": "new@example.com"}).json
     pages, queries = counted("db_pages"), counted("db_page_queries")
 
-    answers = piled_up(
-        app,
-        database_url,
-        users.PAGES,
-        lambda: client.get("/users?limit=1"),
-        [lambda: client.get("/users?limit=3") for _ in range(20)],
-    )
+    answers = pages_piled_up(app, database_url, "/users?limit=1", ["/users?limit=3"] * 20)
 
     newest = [created["id"], *sorted(ids, reverse=True)[:2]]
     assert [[u["id"] for u in a.json["users"]] for a in answers[1:]] == [newest] * 20
