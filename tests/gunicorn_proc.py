@@ -35,6 +35,10 @@ from config import VARIABLES
 REPO = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 HOST = "127.0.0.1"
+# A request that holds a pooled connection of its own for one statement: a delete of a user
+# that does not exist (404, nothing changes). Lookups and pages go through batch loaders and
+# share statements, so N of them do not hold N connections; N of these do.
+MISSING_USER = "/users/9223372036854775807"
 START_DEADLINE_S = 30.0
 STOP_DEADLINE_S = 35.0  # gunicorn.conf.py's graceful_timeout (25 s) and a margin
 

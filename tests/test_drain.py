@@ -15,7 +15,15 @@ import time
 
 import gevent
 import pytest
-from gunicorn_proc import HOST, Gunicorn, free_port, refuses_connections, request, wait_until
+from gunicorn_proc import (
+    HOST,
+    MISSING_USER,
+    Gunicorn,
+    free_port,
+    refuses_connections,
+    request,
+    wait_until,
+)
 from pgutil import APP_NAME, autocommit, backends, seed_users, users_locked, waiting_on_lock
 
 from service.api import health
@@ -27,7 +35,6 @@ GRACEFUL_TIMEOUT_S = 25  # gunicorn.conf.py
 READY_503_WITHIN_S = 1.0  # the issue's bound, from the SIGTERM
 MARGIN_S = 0.5  # the test's requests stop this long before the drain ends
 EXIT_WITHIN_S = 3.0  # after the drain or the last request in flight: checks, pool close, reap
-MISSING = "/users/9223372036854775807"  # a user that does not exist
 IN_FLIGHT = 3  # fewer than DB_POOL_MAX: /readyz still finds a free connection before SIGTERM
 SERVER_ENV = {
     "WEB_CONCURRENCY": "2",
@@ -50,7 +57,7 @@ def requests_on_the_lock(gunicorn: Gunicorn, admin, n: int) -> list[gevent.Green
     """`n` deletes of a user that does not exist (404), started while the caller holds
     `users_locked`; returns once each waits on the lock with a pooled connection of its own
     (lookups and pages would share statements: service/db/batch.py)."""
-    clients = [gevent.spawn(request, gunicorn.port, "DELETE", MISSING) for _ in range(n)]
+    clients = [gevent.spawn(request, gunicorn.port, "DELETE", MISSING_USER) for _ in range(n)]
     wait_until(lambda: waiting_on_lock(admin, APP_NAME) == n, 10, "requests on the lock")
     return clients
 

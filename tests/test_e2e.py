@@ -22,6 +22,7 @@ import pytest
 from gevent.event import Event
 from gunicorn_proc import (
     HOST,
+    MISSING_USER,
     Gunicorn,
     access_lines,
     children,
@@ -70,9 +71,7 @@ def most_waiting(sampler: Sampler) -> int:
     return max((waiting for _, waiting in sampler.samples), default=0)
 
 
-# One statement per request, on a connection of its own: a delete of a user that does not exist
-# (404, nothing changes). Lookups and pages go through batch loaders and share statements.
-ONE_EACH = ("DELETE", "/users/9223372036854775807")
+ONE_EACH = ("DELETE", MISSING_USER)  # a connection each (gunicorn_proc.MISSING_USER)
 
 
 def fill_pools(port: int, dsn: str, cur, rounds: int = 5) -> None:

@@ -18,7 +18,16 @@ from contextlib import contextmanager, nullcontext
 import gevent
 import psycopg2.extensions
 import pytest
-from gunicorn_proc import HOST, Gunicorn, children, metric, request, socket_ports, wait_until
+from gunicorn_proc import (
+    HOST,
+    MISSING_USER,
+    Gunicorn,
+    children,
+    metric,
+    request,
+    socket_ports,
+    wait_until,
+)
 from loadgen import Load, Outcome, burst, connected, get, latency, statuses, storm
 from pgutil import (
     APP_NAME,
@@ -52,9 +61,7 @@ ENV = {
     "WORKER_CONNECTIONS": "1500",  # the storm's 2,000 connections fit in two workers
 }
 USER = "/users/1"  # the one user of each test database
-# One statement per request, on a connection of its own: a delete of a user that does not exist
-# (404, nothing changes). Lookups and pages go through batch loaders and share statements.
-ONE_EACH = "DELETE /users/9223372036854775807"
+ONE_EACH = f"DELETE {MISSING_USER}"  # a connection each (gunicorn_proc.MISSING_USER)
 # Two shared cores run the server, both workers and these clients: latency bounds get this
 # much on top of what the service promises.
 SLACK_S = 1.5

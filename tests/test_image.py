@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gunicorn_proc import free_port, request, wait_until
+from gunicorn_proc import MISSING_USER, free_port, request, wait_until
 from pgutil import autocommit, backends, users_locked, waiting_on_lock
 
 from deploy import localdocker
@@ -21,7 +21,6 @@ from deploy.localdocker import docker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTHY_WITHIN_S = 60.0  # start period 30 s, checks every 10 s
-MISSING = "/users/9223372036854775807"  # a user that does not exist
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +154,7 @@ def test_docker_stop_drains_readyz_503_at_once_and_every_request_in_flight_is_an
             with users_locked(fresh_database):
                 # Deletes of a user that does not exist (404): each holds a connection of its own.
                 in_flight = [
-                    gevent.spawn(request, running.port, "DELETE", MISSING, timeout=30)
+                    gevent.spawn(request, running.port, "DELETE", MISSING_USER, timeout=30)
                     for _ in range(8)
                 ]
                 wait_until(lambda: waiting_on_lock(cur, "service") >= 2, 10, "requests on the lock")
