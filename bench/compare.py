@@ -24,7 +24,6 @@ import os
 import re
 import resource
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.compare: {exc}", file=sys.stderr)
         return 2
     _raise_open_files(max(args.levels))
-    # SIGTERM unwinds like Ctrl-C, so that the servers and PostgreSQL are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    bench_servers.stop_everything_on_sigterm()  # the servers and PostgreSQL are stopped
     logs = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     print(f"bench.compare: servers' logs in {logs}", flush=True)
     try:

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -88,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{max(args.levels):,}; connections beyond it wait for SYN retries"
         )
 
-    # SIGTERM unwinds like Ctrl-C, so that the servers and PostgreSQL are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    servers.stop_everything_on_sigterm()  # the servers and PostgreSQL are stopped
     failed = []
     server = database.start(args.max_connections)
     sampler = None

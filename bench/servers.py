@@ -37,6 +37,18 @@ STOP_DEADLINE_S = 40.0  # the service's graceful_timeout is 25 s
 _HELD_STATES = {"01", "03", "08"}
 
 
+def stop_everything_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so that the `finally` blocks stop what was started;
+    a second SIGTERM while they run is ignored, so that it cannot cut the stopping short (as
+    `timeout`, say, forwarding its own SIGTERM after a `pkill` would)."""
+
+    def unwind(*_) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, unwind)
+
+
 # What to count in a server's log: gunicorn's own messages and Python's.
 LOG_EVENTS = {
     "workers booted": "Booting worker",

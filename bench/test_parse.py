@@ -1,4 +1,5 @@
-"""The bench reads wrk's and pgbench's reports right and judges the goals from them.
+"""The bench reads wrk's and pgbench's reports right and judges the goals from them, and
+stops what it started.
 
 Fast and self-contained (no server, no wrk needed): `make test` runs it with the rest.
 """
@@ -7,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +19,7 @@ from bench import run as run_module
 from bench.backends import Peak
 from bench.cpu import CpuUse
 from bench.results import Cell, Run
+from bench.servers import ROOT
 from bench.workloads import WORKLOADS
 
 CLEAN = """\
@@ -437,3 +442,41 @@ def test_a_saved_run_of_every_workload_renders_the_same_after_loading(tmp_path):
     run.save(tmp_path / "results.json")
     again = Run.load(tmp_path / "results.json")
     assert report.markdown(again, "results.png") == report.markdown(run, "results.png")
+
+
+def test_a_second_sigterm_does_not_cut_short_the_stopping_the_first_began(tmp_path):
+    """The first SIGTERM unwinds into `finally`; one more while that runs (a `timeout`
+    forwarding its own after a `pkill`) must not leave PostgreSQL or a server running."""
+    go, stopped = tmp_path / "go", tmp_path / "stopped"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, sys, time\n"
+            "from bench.servers import stop_everything_on_sigterm\n"
+            "stop_everything_on_sigterm()\n"
+            "try:\n"
+            "    print('running', flush=True)\n"
+            "    time.sleep(60)\n"
+            "finally:\n"
+            "    print('stopping', flush=True)\n"
+            "    deadline = time.monotonic() + 20\n"
+            f"    while not pathlib.Path({str(go)!r}).exists() and time.monotonic() < deadline:\n"
+            "        time.sleep(0.01)\n"
+            f"    pathlib.Path({str(stopped)!r}).write_text('all of it')\n",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "running\n"
+        child.send_signal(signal.SIGTERM)
+        assert child.stdout.readline() == "stopping\n"
+        child.send_signal(signal.SIGTERM)
+        go.touch()
+        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+    assert stopped.read_text() == "all of it"
