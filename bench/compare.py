@@ -8,10 +8,19 @@ mix of `bench/mix.lua` (reads, a list, creates, renames), or one route alone (`-
 
 At each concurrency level, rounds alternate the order (A then B, B then A, ...), so that a
 slow spell of the machine or a growing table does not always fall on the same checkout; the
-verdict is the median of the per-round ratios. Each measured run follows a discarded 2 s
+verdict is the median of the per-round ratios. Every round starts both servers afresh: one
+gunicorn instance can run several percent faster or slower than another of the same code for
+its whole life (two identical checkouts measured 1.08 in all five rounds on one pair of
+instances, docs/performance.md), and with one pair for the whole comparison that luck would
+be in every round. Each measured run follows a discarded 2 s
 warm-up at the same level, and starts only once neither server holds a client connection of
 the previous run, so no run pays for another's hang-ups. Non-2xx answers and socket errors,
 warm-ups included, are always listed.
+
+Besides req/s and p99, each measured run reports its server's CPU per answered request (the
+gunicorn master and its workers, from /proc, bench/cpu.py): on a machine whose cores wrk and
+PostgreSQL share, a cut of a few percent in the server's work shows there when req/s
+varies more than that from round to round.
 
 Everything started is stopped on exit, on Ctrl-C, on SIGTERM and on error.
 """
@@ -38,6 +47,7 @@ import psycopg2
 
 from bench import database, wrk
 from bench import servers as bench_servers
+from bench.cpu import CpuMeter
 from bench.workloads import WORKLOADS
 from deploy.localpg import LocalPostgres
 
@@ -52,13 +62,31 @@ _METHOD_ROUTE = re.compile(r'"method": ?"([A-Z]+)".*?"route": ?("[^"]*"|null)')
 
 
 class Server(bench_servers.Server):
-    """One checkout's gunicorn on 127.0.0.1 (bench/servers.py), with its database."""
+    """One checkout's gunicorn on 127.0.0.1 (bench/servers.py), with its database; each start
+    writes a log of its own in `logs` (A-1.log, A-2.log, ...)."""
 
-    def __init__(self, label: str, root: Path, dsn: str, env: dict[str, str], log: Path):
-        variant = bench_servers.HttpVariant(label, str(root), root / "gunicorn.conf.py", "")
-        super().__init__(variant, env, log, root)
+    def __init__(self, label: str, root: Path, dsn: str, env: dict[str, str], logs: Path):
         self.label = label
+        self.root = root
         self.dsn = dsn
+        self.env = env
+        self.logs = logs
+        self.log_paths: list[Path] = []
+        self._start()
+
+    def restart(self) -> None:
+        """Stop this gunicorn and start a new one on the same port: a fresh master and
+        workers, ready once `/readyz` answers."""
+        self.stop()
+        self._start()
+        self.wait_ready(("/healthz", "/readyz"))
+
+    def _start(self) -> None:
+        log = self.logs / f"{self.label}-{len(self.log_paths) + 1}.log"
+        self.log_paths.append(log)
+        config = self.root / "gunicorn.conf.py"
+        variant = bench_servers.HttpVariant(self.label, str(self.root), config, "")
+        super().__init__(variant, self.env, log, self.root)
 
 
 @dataclass
@@ -68,6 +96,7 @@ class Round:
     number: int
     order: tuple[str, ...]
     results: dict[str, wrk.WrkResult] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # server CPU per ok request
     warmups: dict[str, wrk.WrkResult] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -114,7 +143,9 @@ def _run(args: argparse.Namespace, logs: Path) -> list[str]:
             server.wait_ready(("/healthz", "/readyz"))
             database.seed_users(server.dsn, args.users)
             print(f"bench.compare: {label} ready on {server.url} ({root})", flush=True)
-        sections = [_table(level, _measure_level(servers, level, args)) for level in args.levels]
+        sections = [
+            _table(level, _measure_level(servers, pg.pid, level, args)) for level in args.levels
+        ]
     finally:
         for server in servers:
             server.stop()
@@ -137,23 +168,33 @@ def _new_server(
         PORT=str(port),
         GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
     )
-    return Server(label, root, dsn, env, logs / f"{label}.log")
+    return Server(label, root, dsn, env, logs)
 
 
-def _measure_level(servers: list[Server], level: int, args: argparse.Namespace) -> list[Round]:
-    """Every round of one level, the order of the checkouts alternating round by round."""
+def _measure_level(
+    servers: list[Server], database_pid: int, level: int, args: argparse.Namespace
+) -> list[Round]:
+    """Every round of one level, the order of the checkouts alternating round by round, each
+    round on servers started afresh."""
     rounds = []
     for number in range(1, args.rounds + 1):
         ordered = servers if number % 2 else servers[::-1]
         round_ = Round(number, tuple(server.label for server in ordered))
         for server in ordered:
-            _measure(server, servers, level, args, round_)
+            server.restart()
+        for server in ordered:
+            _measure(server, servers, database_pid, level, args, round_)
         rounds.append(round_)
     return rounds
 
 
 def _measure(
-    server: Server, servers: list[Server], level: int, args: argparse.Namespace, round_: Round
+    server: Server,
+    servers: list[Server],
+    database_pid: int,
+    level: int,
+    args: argparse.Namespace,
+    round_: Round,
 ) -> None:
     """A discarded warm-up, then the measured run, each after both servers are drained."""
     for warmup in (True, False):
@@ -161,11 +202,17 @@ def _measure(
         duration = WARMUP_S if warmup else args.duration
         workload = WORKLOADS[args.workload]
         lua_args = workload.lua_args(args.users)  # a new tag per wrk run: emails never repeat
+        meter = CpuMeter(database_pid, server.pid)
+        meter.start()
         result, _ = wrk.run(wrk.command(server.url, level, duration, workload.script, lua_args))
+        used = meter.stop()
         (round_.warmups if warmup else round_.results)[server.label] = result
+    ok = result.requests - result.non_2xx
+    round_.cpu_ms[server.label] = 1000 * used.server_s / ok if ok else float("nan")
     print(
         f"bench.compare: {level:>6,} round {round_.number} {server.label}: "
         f"{result.rps:>9,.0f} req/s, p99 {result.p99_ms:8.1f} ms, "
+        f"server CPU {round_.cpu_ms[server.label]:.3f} ms/req, "
         f"non-2xx {result.non_2xx}, socket errors {result.socket_errors}",
         flush=True,
     )
@@ -191,19 +238,23 @@ def _table(level: int, rounds: list[Round]) -> str:
     lines = [
         f"### {level:,} connections",
         "",
-        "| round | order | A req/s | A p99 ms | B req/s | B p99 ms | B/A req/s | B/A p99 |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| round | order | A req/s | A p99 ms | B req/s | B p99 ms | B/A req/s | B/A p99 "
+        "| A CPU ms/req | B CPU ms/req | B/A CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rounds:
         a, b = r.results["A"], r.results["B"]
+        ca, cb = r.cpu_ms["A"], r.cpu_ms["B"]
         cells = [a.rps, a.p99_ms, b.rps, b.p99_ms, _ratio(b.rps, a.rps), _ratio(b.p99_ms, a.p99_ms)]
+        cells += [ca, cb, _ratio(cb, ca)]
         lines.append(f"| {r.number} | {', '.join(r.order)} | " + _cells(cells) + " |")
     lines.append("| **median** | | " + _cells(_medians(rounds)) + " |")
     return "\n".join([*lines, "", *_errors(rounds)])
 
 
 def _medians(rounds: list[Round]) -> list[float]:
-    """Median req/s and p99 of each checkout, then the medians of the per-round ratios."""
+    """Median req/s and p99 of each checkout, then the medians of the per-round ratios; then
+    the same for server CPU per request."""
 
     def median(values: list[float]) -> float:
         known = [v for v in values if v == v]  # NaN: a run with no answer has no latency
@@ -218,12 +269,15 @@ def _medians(rounds: list[Round]) -> list[float]:
         median([x.p99_ms for x in b]),
         median([_ratio(y.rps, x.rps) for x, y in zip(a, b, strict=True)]),
         median([_ratio(y.p99_ms, x.p99_ms) for x, y in zip(a, b, strict=True)]),
+        median([r.cpu_ms["A"] for r in rounds]),
+        median([r.cpu_ms["B"] for r in rounds]),
+        median([_ratio(r.cpu_ms["B"], r.cpu_ms["A"]) for r in rounds]),
     ]
 
 
 def _cells(values: list[float]) -> str:
-    """req/s, p99 (A), req/s, p99 (B), then two ratios, each in its own format."""
-    formats = ["{:,.0f}", "{:.1f}", "{:,.0f}", "{:.1f}", "{:.3f}", "{:.3f}"]
+    """req/s, p99 (A), req/s, p99 (B), two ratios, CPU ms/req (A, B) and its ratio."""
+    formats = ["{:,.0f}", "{:.1f}", "{:,.0f}", "{:.1f}"] + ["{:.3f}"] * 5
     return " | ".join(
         "n/a" if v != v else f.format(v) for f, v in zip(formats, values, strict=True)
     )
@@ -254,13 +308,18 @@ def _log_section(servers: list[Server]) -> str:
     """What each server's log tells: answers of 400 and up by route, and signs of trouble."""
     lines = ["### Server logs", ""]
     for server in servers:
-        statuses, events = _scan_log(server.log_path)
+        statuses: Counter = Counter()
+        events: Counter = Counter()
+        for path in server.log_paths:
+            found_in = _scan_log(path)
+            statuses += found_in[0]
+            events.update(found_in[1])
         found = [f"{n} x {key}" for key, n in sorted(statuses.items())]
         found += [f"{n} {name}" for name, n in events.items() if n and name != "workers booted"]
         summary = "; ".join(found) or "no answer of 400 or more, no traceback"
         lines.append(
-            f"- {server.label} ({server.log_path}): {summary}; "
-            f"{events['workers booted']} workers booted"
+            f"- {server.label} ({server.logs}/{server.label}-*.log): {summary}; "
+            f"{events['workers booted']} workers booted in {len(server.log_paths)} starts"
         )
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from bench import goals, pgbench, report, wrk
+from bench import compare, goals, pgbench, report, wrk
 from bench import run as run_module
 from bench.backends import Peak
 from bench.cpu import CpuUse
@@ -442,6 +442,27 @@ def test_a_saved_run_of_every_workload_renders_the_same_after_loading(tmp_path):
     run.save(tmp_path / "results.json")
     again = Run.load(tmp_path / "results.json")
     assert report.markdown(again, "results.png") == report.markdown(run, "results.png")
+
+
+def test_a_comparison_gives_server_cpu_per_request_beside_req_s_and_their_median_ratios():
+    def answered(rps: float, p99_ms: float) -> wrk.WrkResult:
+        return wrk.WrkResult(int(rps * 10), duration_s=10, rps=rps, p50_ms=1, p99_ms=p99_ms)
+
+    rounds = [
+        compare.Round(
+            number,
+            ("A", "B"),
+            results={"A": answered(1000, 10), "B": answered(1100, 9)},
+            cpu_ms={"A": a_cpu, "B": b_cpu},
+        )
+        for number, (a_cpu, b_cpu) in enumerate([(0.8, 0.6), (0.7, 0.7), (0.9, 0.6)], 1)
+    ]
+    table = compare._table(50, rounds)
+
+    first = "| 1 | A, B | 1,000 | 10.0 | 1,100 | 9.0 | 1.100 | 0.900 | 0.800 | 0.600 | 0.750 |"
+    assert first in table.splitlines()
+    # CPU per request: medians 0.8 and 0.6; the per-round ratios 0.75, 1.0 and 0.667.
+    assert table.splitlines()[-3].endswith("| 1.100 | 0.900 | 0.800 | 0.600 | 0.750 |")
 
 
 def test_a_second_sigterm_does_not_cut_short_the_stopping_the_first_began(tmp_path):
