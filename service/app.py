@@ -14,6 +14,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from config import Settings, load_settings
 from service import db
 from service.api import auth, client, errors, health, openapi, users
+from service.api.json_provider import OrjsonProvider
 from service.observability import logs, metrics
 
 MAX_BODY_BYTES = 1 << 20
@@ -23,7 +24,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
+    app.json.sort_keys = False  # what the standard library's encoder does, where it is used
     app.extensions[db.EVENTS] = metrics.PoolMetrics()
     app.after_request(_no_type_without_a_body)
     logs.register(app)

@@ -177,6 +177,27 @@ def test_a_lone_surrogate_in_a_name_gives_422(client, admin):
     assert stored_users(admin) == []
 
 
+def test_a_lone_surrogate_in_an_unknown_field_is_quoted_in_its_422(client, admin):
+    """orjson refuses such text; the error that quotes it is still written, escaped."""
+    body = b'{"name": "Ada", "email": "ada@example.com", "x\\ud800": 1}'
+    response = client.post("/users", data=body, content_type="application/json")
+    assert_error(response, 422, "unknown_field")
+    assert b"x\\ud800" in response.get_data()
+    assert response.get_json()["error"]["message"] == "unknown field(s): x\ud800"
+    assert stored_users(admin) == []
+
+
+def test_a_user_goes_out_as_compact_utf_8_with_created_at_as_stored(client, admin):
+    user = create(client, "Zoë 李", "zoe@example.org")
+    admin.execute("SELECT created_at FROM users WHERE id = %s", (user["id"],))
+    [(stored,)] = admin.fetchall()
+    expected = (
+        f'{{"id":{user["id"]},"name":"Zoë 李","email":"zoe@example.org",'
+        f'"created_at":"{stored.isoformat()}"}}\n'
+    )
+    assert client.get(f"/users/{user['id']}").get_data() == expected.encode()
+
+
 MALFORMED_JSON = [
     b'{"name": "Ada", "email": ',
     b"{'name': 'Ada', 'email': 'ada@example.com'}",

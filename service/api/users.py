@@ -104,7 +104,7 @@ class _Alone(Exception):
 def create_user():
     fields = _read_fields(required=True)
     user = _write(CREATES, _Write(None, fields), _insert_one)
-    return _public(user), 201, {"Location": f"/users/{user['id']}"}
+    return user, 201, {"Location": f"/users/{user['id']}"}
 
 
 @bp.get("")
@@ -116,13 +116,13 @@ def list_users():
     rows = current_app.extensions[PAGES].get((upto, limit + 1))
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
-    return {"users": [_public(row) for row in page], "next_cursor": next_cursor}
+    return {"users": page, "next_cursor": next_cursor}
 
 
 @bp.get("/<user_id>")
 def get_user(user_id: str):
     uid = _parse_id(user_id)
-    return _public(_found(current_app.extensions[LOADER].get(uid)))
+    return _found(current_app.extensions[LOADER].get(uid))
 
 
 def batch_loaders() -> dict[str, BatchLoader]:
@@ -215,7 +215,7 @@ def _pages(waited_s: float, connected: Callable[[], Sequence[tuple[int, int]]]) 
 def update_user(user_id: str):
     uid = _parse_id(user_id)
     fields = _read_fields(required=False)
-    return _public(_found(_write(UPDATES, _Write(uid, fields), _update_one)))
+    return _found(_write(UPDATES, _Write(uid, fields), _update_one))
 
 
 def _write(loader: str, write: _Write, alone: Callable[[Cursor, _Write], dict | None]):
@@ -411,7 +411,3 @@ def _unique_email() -> Iterator[None]:
 
 def _email_taken() -> ApiError:
     return ApiError(409, "email_taken", "a user with this email already exists")
-
-
-def _public(user: dict) -> dict:
-    return {**user, "created_at": user["created_at"].isoformat()}
