@@ -10,17 +10,15 @@ At each concurrency level, rounds alternate the order (A then B, B then A, ...),
 slow spell of the machine or a growing table does not always fall on the same checkout; the
 verdict is the median of the per-round ratios. Every round starts both servers afresh: one
 gunicorn instance can run several percent faster or slower than another of the same code for
-its whole life (two identical checkouts measured 1.08 in all five rounds on one pair of
-instances, docs/performance.md), and with one pair for the whole comparison that luck would
-be in every round. Each measured run follows a discarded 2 s
+its whole life (docs/performance.md), and with one pair of instances for the whole comparison
+that luck would be in every round. Each measured run follows a discarded 2 s
 warm-up at the same level, and starts only once neither server holds a client connection of
 the previous run, so no run pays for another's hang-ups. Non-2xx answers and socket errors,
 warm-ups included, are always listed.
 
 Besides req/s and p99, each measured run reports its server's CPU per answered request (the
-gunicorn master and its workers, from /proc, bench/cpu.py): on a machine whose cores wrk and
-PostgreSQL share, a cut of a few percent in the server's work shows there when req/s
-varies more than that from round to round.
+gunicorn master and its workers, from /proc, bench/cpu.py): a second view of the same change,
+on a machine whose cores wrk and PostgreSQL share.
 
 Everything started is stopped on exit, on Ctrl-C, on SIGTERM and on error.
 """
@@ -67,26 +65,20 @@ class Server(bench_servers.Server):
 
     def __init__(self, label: str, root: Path, dsn: str, env: dict[str, str], logs: Path):
         self.label = label
-        self.root = root
         self.dsn = dsn
-        self.env = env
         self.logs = logs
-        self.log_paths: list[Path] = []
-        self._start()
+        self.log_paths = [logs / f"{label}-1.log"]
+        variant = bench_servers.HttpVariant(label, str(root), root / "gunicorn.conf.py", "")
+        super().__init__(variant, env, self.log_paths[0], root)
 
     def restart(self) -> None:
-        """Stop this gunicorn and start a new one on the same port: a fresh master and
-        workers, ready once `/readyz` answers."""
+        """Stop this gunicorn and start a new one on the same port, with a log of its own: a
+        fresh master and workers, ready once `/readyz` answers."""
         self.stop()
-        self._start()
+        self.log_path = self.logs / f"{self.label}-{len(self.log_paths) + 1}.log"
+        self.log_paths.append(self.log_path)
+        self.start()
         self.wait_ready(("/healthz", "/readyz"))
-
-    def _start(self) -> None:
-        log = self.logs / f"{self.label}-{len(self.log_paths) + 1}.log"
-        self.log_paths.append(log)
-        config = self.root / "gunicorn.conf.py"
-        variant = bench_servers.HttpVariant(self.label, str(self.root), config, "")
-        super().__init__(variant, self.env, log, self.root)
 
 
 @dataclass
@@ -202,11 +194,15 @@ def _measure(
         duration = WARMUP_S if warmup else args.duration
         workload = WORKLOADS[args.workload]
         lua_args = workload.lua_args(args.users)  # a new tag per wrk run: emails never repeat
+        command = wrk.command(server.url, level, duration, workload.script, lua_args)
+        if warmup:
+            round_.warmups[server.label], _ = wrk.run(command)
+            continue
         meter = CpuMeter(database_pid, server.pid)
         meter.start()
-        result, _ = wrk.run(wrk.command(server.url, level, duration, workload.script, lua_args))
+        result, _ = wrk.run(command)
         used = meter.stop()
-        (round_.warmups if warmup else round_.results)[server.label] = result
+        round_.results[server.label] = result
     ok = result.requests - result.non_2xx
     round_.cpu_ms[server.label] = 1000 * used.server_s / ok if ok else float("nan")
     print(

@@ -154,13 +154,20 @@ class Server:
         self, variant: HttpVariant, env: dict[str, str], log_path: Path, root: Path = ROOT
     ):
         self.variant = variant
+        self.env = env
+        self.root = root
         self.port = int(env["PORT"])
         self.log_path = log_path
-        with open(log_path, "wb") as log:
+        self.start()
+
+    def start(self) -> None:
+        """Start gunicorn, at first or again after `stop()`: its output goes to `log_path`,
+        which it starts afresh."""
+        with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                gunicorn_command(variant.config, root),
-                cwd=root,
-                env=env,
+                gunicorn_command(self.variant.config, self.root),
+                cwd=self.root,
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
