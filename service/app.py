@@ -25,7 +25,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["SETTINGS"] = settings or load_settings(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json = OrjsonProvider(app)
-    app.json.sort_keys = False  # what the standard library's encoder does, where it is used
     app.extensions[db.EVENTS] = metrics.PoolMetrics()
     app.after_request(_no_type_without_a_body)
     logs.register(app)

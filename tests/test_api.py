@@ -6,7 +6,7 @@ bad input stores nothing, a refused change changes nothing, and after a 503 the 
 
 import base64
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 
 import gevent
 import psycopg2
@@ -185,6 +185,16 @@ def test_a_lone_surrogate_in_an_unknown_field_is_quoted_in_its_422(client, admin
     assert b"x\\ud800" in response.get_data()
     assert response.get_json()["error"]["message"] == "unknown field(s): x\ud800"
     assert stored_users(admin) == []
+
+
+def test_what_orjson_refuses_goes_out_with_dates_as_orjson_writes_them(client):
+    """The standard library's encoder takes over for text with a lone surrogate, and writes a
+    date as every other response does (Flask's own encoder would write an HTTP date)."""
+    at = datetime(2026, 12, 3, 19, 1, 34, 120000, tzinfo=UTC)
+    refused = {"at": at, "day": at.date(), "name": "x\ud800"}
+    body = client.application.json.response(refused).get_data(as_text=True)
+    dates = '"at":"2026-12-03T19:01:34.120000+00:00","day":"2026-12-03"'
+    assert body == "{" + dates + ',"name":"x\\ud800"}\n'
 
 
 def test_a_user_goes_out_as_compact_utf_8_with_created_at_as_stored(client, admin):

@@ -28,7 +28,8 @@ them, so a batch may make its writes in any order; it makes each exactly once, o
   statement (503), nor is one whose client hung up by then (499, as with `get_db()`).
 
 Reads are not asked whether their client hung up while they waited in a batch: such a read
-stays in its shared query, and its answer goes nowhere.
+stays in its shared query, and its answer goes nowhere. A row is answered as the cursor gave
+it, and requests for the same user or page share it: nothing may change a row once fetched.
 
 What a batch cannot promise better than a single statement: a create or an email change whose
 email another transaction has inserted and not yet committed waits for that transaction, and
