@@ -11,10 +11,10 @@ slow spell of the machine or a growing table does not always fall on the same ch
 verdict is the median of the per-round ratios. Every round starts both servers afresh: one
 gunicorn instance can run several percent faster or slower than another of the same code for
 its whole life (docs/performance.md), and with one pair of instances for the whole comparison
-that luck would be in every round. Each measured run follows a discarded 2 s
-warm-up at the same level, and starts only once neither server holds a client connection of
-the previous run, so no run pays for another's hang-ups. Non-2xx answers and socket errors,
-warm-ups included, are always listed.
+that luck would be in every round. Each measured run follows a discarded 2 s warm-up at the
+same level, and starts only once neither server holds a client connection of the previous
+run, so no run pays for another's hang-ups. Non-2xx answers and socket errors, warm-ups
+included, are always listed.
 
 Besides req/s and p99, each measured run reports its server's CPU per answered request (the
 gunicorn master and its workers, from /proc, bench/cpu.py): a second view of the same change,
@@ -189,20 +189,20 @@ def _measure(
     round_: Round,
 ) -> None:
     """A discarded warm-up, then the measured run, each after both servers are drained."""
-    for warmup in (True, False):
-        round_.notes += _drain(servers)
-        duration = WARMUP_S if warmup else args.duration
-        workload = WORKLOADS[args.workload]
+    workload = WORKLOADS[args.workload]
+
+    def run(duration: int) -> wrk.WrkResult:
         lua_args = workload.lua_args(args.users)  # a new tag per wrk run: emails never repeat
-        command = wrk.command(server.url, level, duration, workload.script, lua_args)
-        if warmup:
-            round_.warmups[server.label], _ = wrk.run(command)
-            continue
-        meter = CpuMeter(database_pid, server.pid)
-        meter.start()
-        result, _ = wrk.run(command)
-        used = meter.stop()
-        round_.results[server.label] = result
+        result, _ = wrk.run(wrk.command(server.url, level, duration, workload.script, lua_args))
+        return result
+
+    round_.notes += _drain(servers)
+    round_.warmups[server.label] = run(WARMUP_S)
+    round_.notes += _drain(servers)
+    meter = CpuMeter(database_pid, server.pid)
+    meter.start()
+    result = round_.results[server.label] = run(args.duration)
+    used = meter.stop()
     ok = result.requests - result.non_2xx
     round_.cpu_ms[server.label] = 1000 * used.server_s / ok if ok else float("nan")
     print(
