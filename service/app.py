@@ -14,10 +14,13 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from config import Settings, load_settings
 from service import db
 from service.api import auth, client, errors, health, openapi, users
+from service.api.errors import ApiError
 from service.api.json_provider import OrjsonProvider
 from service.observability import logs, metrics
 
 MAX_BODY_BYTES = 1 << 20
+# The content codings a request body may have: none (RFC 9110 8.4.1's `identity`).
+ACCEPTED_CODINGS = frozenset({"", "identity"})
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -30,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     logs.register(app)
     metrics.register(app)
     # After logs: a refused request still gets its request id, access line and count. The
-    # token first: a stranger's body is never read.
+    # framing first, then the token: a stranger's body is never read.
+    app.before_request(_require_host)
     auth.register(app, frozenset({users.bp.name}))
     app.before_request(_read_whole_body)
     for module in (health, users, openapi):
@@ -43,6 +47,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
+def _require_host() -> None:
+    """Refuse an HTTP/1.1 request without a Host field with 400, as RFC 9112 3.2 requires of a
+    server. (gunicorn refuses a request with two itself, before the app; an empty Host is
+    valid, and HTTP/1.0 needs none.)"""
+    environ = request.environ
+    if "HTTP_HOST" not in environ and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+        raise ApiError(400, "missing_host", "an HTTP/1.1 request must have a Host header field")
+
+
 def _read_whole_body() -> None:
     """Read the body here, once (cached for `get_json`), and refuse one that is not whole, so
     that a handler never sees a body cut short and the pool never sees a client still sending.
@@ -53,9 +66,21 @@ def _read_whole_body() -> None:
     Content-Length (chunked) that runs past the limit gets 413: werkzeug refuses a body only by
     its Content-Length, and reads one without up to the limit and stops there in silence (a
     JSON object followed by 1 MiB of spaces would be stored); so look for one byte more.
+
+    A body with a content coding (Content-Encoding: gzip, br, deflate, ...) gets 415 with
+    `Accept-Encoding: identity` (RFC 9110 15.5.16) before it is read: this service decodes
+    none, and would otherwise take compressed bytes for the JSON they stand for.
     """
     if request.method in ("GET", "HEAD"):
         return  # the method first: most requests are GETs, and it costs no header parsing
+    coding = request.environ.get("HTTP_CONTENT_ENCODING")
+    if coding is not None and not _identity(coding):
+        raise ApiError(
+            415,
+            "unsupported_content_encoding",
+            "request bodies are accepted without a content coding (identity) only",
+            headers={"Accept-Encoding": "identity"},
+        )
     body = request.get_data(cache=True)
     if request.content_length is not None:
         if len(body) < request.content_length:
@@ -69,6 +94,11 @@ def _read_whole_body() -> None:
         raise ClientDisconnected() from None
     if more:
         raise RequestEntityTooLarge()
+
+
+def _identity(coding: str) -> bool:
+    """Whether a Content-Encoding field value (a list, when sent twice) codes nothing."""
+    return all(part.strip(" \t").lower() in ACCEPTED_CODINGS for part in coding.split(","))
 
 
 def _no_type_without_a_body(response: Response) -> Response:

@@ -52,9 +52,9 @@ _USER_ID = {
     "schema": {"type": "string"},
 }
 _BODY_ERRORS = {
-    "400": _error("malformed JSON"),
+    "400": _error("malformed JSON, or malformed chunked framing"),
     "413": _error("body larger than 1 MiB"),
-    "415": _error("body is not application/json"),
+    "415": _error("body is not application/json, or has a content coding (Accept-Encoding)"),
     "422": _error("invalid field values, unknown or missing fields"),
 }
 

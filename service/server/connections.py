@@ -26,6 +26,13 @@ line per worker at most every `LOG_EVERY_S`.
 gunicorn writes a response's head alone, then its body: the socket holds the head and sends it
 with the body's first write, one send per response (docs/performance.md).
 
+A connection closed while the client's input is still unread (a body refused partway: broken
+chunked framing, a trailer section over the limit) closes lingering, as nginx's
+`lingering_close` does: closing a socket with unread input makes the kernel send a reset, which
+can destroy the response at the client before it is read. So the server sends its end of input
+after the response, then reads and discards what the client still sends, until it closes, or
+`LINGER_MAX_BYTES`, or `LINGER_S`; then it closes.
+
 When a worker takes the last free slot of a listener (WORKER_CONNECTIONS), the connection that
 has waited longest for a request head (idle keep-alive, silent, or trickling) and has no input
 waiting to be read is shed, reason `shed`, so that a slot stays free for the next client.
@@ -68,6 +75,10 @@ HOLD_MAX = 8192
 IDLE_GRACE_S = 1.0
 # How many of the longest-waiting connections shedding looks at for one without input.
 SHED_CANDIDATES = 8
+# A lingering close (below): how long, and how many bytes, the client's unread input is read
+# and discarded for, after the response, before the connection is closed all the same.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -297,7 +308,22 @@ class ClientSocket(gsocket.socket):
     def close(self) -> None:
         with contextlib.suppress(OSError):  # best effort: the connection is ending anyway
             self.flush()
+            if self.has_input():
+                self._linger()
         super().close()
+
+    def _linger(self) -> None:
+        """Send end of input, then read and discard the client's input until it closes, or
+        `LINGER_MAX_BYTES`, or `LINGER_S` (raising TimeoutError then)."""
+        self.shutdown(stdlib_socket.SHUT_WR)
+        until = time.monotonic() + LINGER_S
+        discarded = 0
+        while discarded < LINGER_MAX_BYTES:
+            self.settimeout(max(0.0, until - time.monotonic()))
+            data = super().recv(65536)
+            if not data:
+                return
+            discarded += len(data)
 
     def _send(self, data, flags):
         if self._closed_by is None:
