@@ -240,6 +240,32 @@ def test_a_body_that_is_not_json_gives_415_and_stores_nothing(client, admin, sub
             assert stored_users(admin) == []
 
 
+def cut_short(body: bytes) -> dict:
+    """What gunicorn hands the app when a body ends before its Content-Length: the bytes that
+    came, an input it says it terminates (`wsgi.input_terminated`, so werkzeug reads it as it
+    is), and the Content-Length the head promised."""
+    return {
+        "data": body,
+        "content_type": "application/json",
+        "environ_overrides": {
+            "wsgi.input_terminated": True,
+            "CONTENT_LENGTH": str(len(body) + 10),
+        },
+    }
+
+
+def test_a_body_shorter_than_its_content_length_gives_400_and_stores_nothing(client, admin):
+    """A whole JSON object, 10 bytes short of its Content-Length, from a client that is still
+    there: the app refuses the body itself (service/app.py), hang-up or not."""
+    before = create(client)
+    create_ = client.post("/users", **cut_short(b'{"name":"a","email":"a@example.com"}'))
+    update = client.patch(f"/users/{before['id']}", **cut_short(b'{"name":"a"}'))
+
+    for response in (create_, update):
+        assert_error(response, 400, "bad_request")
+    assert stored_users(admin) == [(before["id"], "Ada Lovelace", "ada@example.com")]
+
+
 def test_a_body_over_one_mib_gives_413_and_stores_nothing(client, admin):
     name = "x" * (1 << 20)
     response = client.post("/users", json={"name": name, "email": "ada@example.com"})

@@ -285,6 +285,34 @@ def test_a_client_that_hangs_up_after_one_mib_of_chunks_is_not_a_500(server, adm
     assert admin.fetchone()[0] == 0
 
 
+def test_a_body_cut_short_at_the_body_deadline_is_refused_400_and_stores_nothing(
+    database_url, admin, tmp_path
+):
+    """A whole JSON object, 10 bytes short of its Content-Length, from a client that keeps its
+    connection open and waits for an answer. At the body deadline the server shuts the
+    connection down (service/server/connections.py), for the answer too, and the app gets the
+    bytes that came: it refuses them (service/app.py), 400, which the log shows and the client,
+    seeing its connection end, never reads. Let through, the create would find its socket shut
+    in its batch and be dropped as a client gone (499): nothing stored either way, so the
+    status is what tells."""
+    body = b'{"name":"a","email":"a@example.com"}'
+    head = (
+        b"POST /users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"X-Request-ID: cut-short\r\nContent-Length: %d\r\n\r\n" % (len(body) + 10)
+    )
+    env = {"WEB_CONCURRENCY": "1", "HTTP_BODY_TIMEOUT": "1"}
+    with Gunicorn(database_url, tmp_path / "gunicorn.log", **env) as gunicorn:
+        with socket.create_connection((HOST, gunicorn.port), timeout=10) as sock:
+            sock.sendall(head + body)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        line = access_line(gunicorn, "cut-short")
+
+    assert answer == b""
+    assert (line["route"], line["status"]) == ("/users", 400)
+    admin.execute("SELECT count(*) FROM users")
+    assert admin.fetchone()[0] == 0
+
+
 @pytest.mark.timing
 def test_a_quick_stop_with_queries_running_ends_at_once_and_leaves_no_connection(
     fresh_database, tmp_path
