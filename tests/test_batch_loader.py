@@ -7,13 +7,16 @@ that lookups and their queries add up across workers.
 """
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
 from gunicorn_proc import access_lines, wait_until
-from pgutil import seed_users, users_locked
+from pgutil import seed_users, users_locked, waiting_on_lock
 from prometheus_client import REGISTRY
+from test_batch_writes import locked
 
 from service import db
 from service.api import users
@@ -21,6 +24,9 @@ from service.db import DatabaseUnavailable
 from service.db.batch import BatchLoader
 
 USERS = 30
+LOCK_USERS = "LOCK TABLE users IN ACCESS EXCLUSIVE MODE"
+POOL_APP = "test-pool"  # the application_name of make_pool's connections (tests/conftest.py)
+QUEUED_LOCK = "queued-lock"
 
 
 def counted(name: str) -> float:
@@ -104,6 +110,48 @@ def batch_behind(shared: BatchLoader, key) -> gevent.Greenlet:
     return sender
 
 
+@contextmanager
+def lock_queued(database_url: str, admin) -> Iterator[None]:
+    """A lock on `users` asked for now, behind the statements that wait on the lock held: once
+    that is released, they run, and this lock stops every statement sent after them
+    (PostgreSQL grants a lock in the order it was asked for), until the block ends."""
+    release = Event()
+
+    def hold():
+        with users_locked(database_url, QUEUED_LOCK):
+            release.wait(30)
+
+    holder = gevent.spawn(hold)
+    try:
+        wait_until(lambda: waiting_on_lock(admin, QUEUED_LOCK) == 1, 5, "the lock to queue")
+        yield
+    finally:
+        release.set()
+        holder.get(timeout=10)
+
+
+@contextmanager
+def batch_sent_and_held(
+    shared: BatchLoader, fetched: list, keys: list, database_url: str, admin
+) -> Iterator[tuple[gevent.Greenlet, gevent.Greenlet, list[gevent.Greenlet]]]:
+    """Lookups of `keys`: the first's query runs alone, the others collect in a batch behind
+    it; then that batch's query is sent, and held in the server, on a lock, for the block.
+    Yields the first lookup, the batch's sender and its followers."""
+    with locked(database_url, LOCK_USERS) as release:
+        first = first_query(shared, fetched, keys[0])
+        sender = batch_behind(shared, keys[1])
+        followers = [follower_in(shared, key) for key in keys[2:]]
+        wait_until(lambda: waiting_on_lock(admin, POOL_APP) == 1, 5, "the first on the lock")
+        with lock_queued(database_url, admin):
+            release()
+            wait_until(
+                lambda: len(fetched) == 2 and waiting_on_lock(admin, POOL_APP) == 1,
+                5,
+                "the batch's query on the lock",
+            )
+            yield first, sender, followers
+
+
 def test_lookups_arriving_while_a_query_runs_share_the_next_one(make_app, admin, database_url):
     ids = seed_users(admin, USERS)
     app = make_app(DB_POOL_MAX=5)
@@ -151,6 +199,28 @@ def test_a_lookup_never_joins_a_query_already_sent(make_pool, admin):
     assert before.get(timeout=5) == "user1@example.com"
     assert after == "new@example.com"
     assert fetched == [[uid], [uid]]
+
+
+def test_a_lookup_never_joins_a_collected_batch_once_its_query_is_sent(
+    make_pool, admin, database_url
+):
+    """The batch behind a running query was collected, and its query sent: a lookup asked
+    now starts the next batch. Added to the running one, it would get that query's answer,
+    which cannot hold its row."""
+    ids = seed_users(admin, 4)
+    fetched = []
+    shared = lookups(make_pool(), fetched)
+    with batch_sent_and_held(shared, fetched, ids[:3], database_url, admin) as held:
+        first, sender, [follower] = held
+        before = shared.waiting
+        late = gevent.spawn(shared.get, ids[3])
+        wait_until(lambda: shared.waiting == before + 1, 5, "the late lookup to wait")
+
+    assert late.get(timeout=5) == "user4@example.com"
+    answers = [g.get(timeout=5) for g in (first, sender, follower)]
+    assert answers == ["user1@example.com", "user2@example.com", "user3@example.com"]
+    assert fetched == [ids[:1], ids[1:3], ids[3:]]
+    assert shared.waiting == 0
 
 
 def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool, admin):
