@@ -14,7 +14,7 @@ import gevent
 from gevent.event import Event
 from gevent.monkey import get_original
 from gunicorn_proc import access_lines, wait_until
-from pgutil import seed_users, users_locked, waiting_on_lock
+from pgutil import APP_NAME, seed_users, users_locked, waiting_on_lock
 from prometheus_client import REGISTRY
 from test_batch_writes import locked
 
@@ -221,6 +221,64 @@ def test_a_lookup_never_joins_a_collected_batch_once_its_query_is_sent(
     assert answers == ["user1@example.com", "user2@example.com", "user3@example.com"]
     assert fetched == [ids[:1], ids[1:3], ids[3:]]
     assert shared.waiting == 0
+
+
+def test_a_batch_whose_query_is_sent_counts_no_longer_as_waiting(make_pool, admin, database_url):
+    """Its lookups wait for an answer now, not for a connection: DB_POOL_MAX_WAITING counts
+    them no longer. Only lookups whose query is not sent yet count."""
+    ids = seed_users(admin, 5)
+    fetched = []
+    shared = lookups(make_pool(), fetched)
+    with batch_sent_and_held(shared, fetched, ids[:4], database_url, admin) as held:
+        first, sender, followers = held
+        assert shared.waiting == 0
+        late = gevent.spawn(shared.get, ids[4])
+        wait_until(lambda: shared.waiting == 1, 5, "the late lookup to count")
+
+    gevent.joinall([first, sender, *followers, late], timeout=10, raise_error=True)
+    assert fetched == [ids[:1], ids[1:4], ids[4:]]
+    assert shared.waiting == 0
+
+
+def test_lookups_whose_query_is_sent_leave_room_under_the_waiting_cap(
+    make_app, admin, database_url
+):
+    """DB_POOL_MAX_WAITING 3: three lookups collected behind a running query fill it; once
+    their query is sent, two more requests may wait, and none is turned away with a 503."""
+    ids = seed_users(admin, 6)
+    app = make_app(DB_POOL_MAX=5, DB_POOL_MAX_WAITING=3)
+    client = app.test_client()
+    loader = app.extensions[users.LOADER]
+
+    def get(uid):
+        return gevent.spawn(client.get, f"/users/{uid}")
+
+    with locked(database_url, LOCK_USERS) as release:
+        first = get(ids[0])
+        wait_until(lambda: waiting_on_lock(admin, APP_NAME) == 1, 5, "the first on the lock")
+        batch = []
+        for uid in ids[1:4]:
+            batch.append(get(uid))
+            wait_until(lambda: loader.waiting == len(batch), 5, "the batch to collect")
+        with lock_queued(database_url, admin):
+            release()
+            wait_until(
+                lambda: first.ready() and waiting_on_lock(admin, APP_NAME) == 1,
+                5,
+                "the batch's query on the lock",
+            )
+            late = [get(uid) for uid in ids[4:]]
+            wait_until(
+                lambda: loader.waiting == len(late) or any(g.ready() for g in late),
+                5,
+                "the late lookups to wait, or be turned away",
+            )
+
+    answers = [g.get(timeout=10) for g in (first, *batch, *late)]
+    assert [(a.status_code, a.json.get("email")) for a in answers] == [
+        (200, f"user{n}@example.com") for n in range(1, 7)
+    ]
+    assert loader.waiting == 0
 
 
 def test_lookups_whose_time_runs_out_as_their_answer_comes_all_get_it(make_pool, admin):
