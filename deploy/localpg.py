@@ -48,13 +48,15 @@ def find_bindir() -> Path:
     """Where initdb and postgres live: PG_BINDIR, else PATH, then Debian's versioned folders.
 
     A PG_BINDIR set is the only folder looked at: when it holds no server, that is reported
-    rather than silently replaced by some other installation.
+    rather than silently replaced by some other installation. An initdb on PATH counts where
+    it really lives, its symlinks followed: a folder of links to initdb and postgres alone has
+    no pg_basebackup beside them.
     """
     if os.environ.get("PG_BINDIR"):
         candidates = [Path(os.environ["PG_BINDIR"])]
     else:
         on_path = shutil.which("initdb")
-        candidates = [Path(on_path).parent] if on_path else []
+        candidates = [Path(on_path).resolve().parent] if on_path else []
         debian = sorted(glob.glob(DEBIAN_BINDIRS), key=_version_key, reverse=True)
         candidates += [Path(p) for p in debian]
     for folder in candidates:
