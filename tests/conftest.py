@@ -19,6 +19,7 @@ import os  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import pgutil  # noqa: E402
 import psycopg2  # noqa: E402
@@ -26,7 +27,7 @@ import psycopg2.extensions  # noqa: E402
 import pytest  # noqa: E402
 
 from config import load_settings  # noqa: E402
-from deploy.localpg import LocalPostgres  # noqa: E402
+from deploy.localpg import LocalPostgres, LocalReplica  # noqa: E402
 from service import db  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.db import schema  # noqa: E402
@@ -57,6 +58,48 @@ def database_url(pg_server):
     yield url
     with pgutil.autocommit(server_url) as cur:
         cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """What `replicated` yields: a primary, its streaming replicas, the test database's name,
+    and its URL on the primary and on each replica (in the replicas' order)."""
+
+    primary: LocalPostgres
+    replicas: tuple[LocalReplica, ...]
+    dbname: str
+    database_url: str
+    replica_urls: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def replicated():
+    """A throwaway primary of its own with two streaming replicas, and a fresh database
+    migrated on the primary that both replicas have replayed; started for the first test that
+    asks for it. Its own primary even with TEST_DATABASE_URL: only a server of ours can be
+    given replicas. Commits are synchronous, as on a production primary, so that a commit is
+    on its way to the replicas when it returns.
+
+    The replicas are shared: a test may delay or pause one, and must undo it; a test that
+    promotes or halts a replica starts one of its own (`replicated.primary.start_replica()`).
+    """
+    primary = LocalPostgres(settings={"synchronous_commit": "on"})
+    replicas: list[LocalReplica] = []
+    try:
+        primary.start()
+        for _ in range(2):
+            replicas.append(primary.start_replica())
+        name = f"test_{secrets.token_hex(4)}"
+        url = primary.create_database(name)
+        schema.migrate(url, connect_timeout=5)
+        for replica in replicas:
+            replica.catch_up()
+        urls = tuple(replica.dsn(name) for replica in replicas)
+        yield Replicated(primary, tuple(replicas), name, url, urls)
+    finally:
+        for replica in replicas:
+            replica.stop()
+        primary.stop()
 
 
 @pytest.fixture
