@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   serve through the production command (a throwaway PostgreSQL when DATABASE_URL is unset)
+#   make run   serve through the production command (a throwaway PostgreSQL when DATABASE_URL is unset;
+#              make run REPLICAS=2 gives it 2 streaming replicas, in DATABASE_REPLICA_URLS)
 #   make test  run the test suite against a throwaway PostgreSQL (or TEST_DATABASE_URL)
 # and, for performance work:
 #   make bench the service against its peers, route by route: bench/RESULTS.md and results.png
@@ -28,8 +29,11 @@ lock: $(BIN)/.installed
 	$(UV_COMPILE) requirements.txt -o requirements.lock
 	$(UV_COMPILE) requirements.txt requirements-dev.txt -c requirements.lock -o requirements-dev.lock
 
+# REPLICAS: streaming replicas of the throwaway PostgreSQL (refused when DATABASE_URL is set).
+REPLICAS ?= 0
+
 run: $(BIN)/.installed
-	$(BIN)/python -m deploy.localpg -- $(BIN)/gunicorn -c gunicorn.conf.py
+	$(BIN)/python -m deploy.localpg --replicas $(REPLICAS) -- $(BIN)/gunicorn -c gunicorn.conf.py
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -12,14 +12,18 @@ password, and fault controls for the tests: an apply delay, a pause, a halt, a p
 process itself changes user, like `runuser -u postgres`, but with no runuser process in between
 to swallow the shutdown signals), and the same code runs unchanged as an ordinary user.
 
-Command line: `python -m deploy.localpg [--] COMMAND...` runs COMMAND with `DATABASE_URL`
-set. When `DATABASE_URL` is already set it runs COMMAND against that server and starts
-nothing. Either way COMMAND runs in a session of its own, and Ctrl-C (or SIGTERM) reaches it as
-one SIGTERM, gunicorn's graceful stop; the cluster is stopped after COMMAND exits.
+Command line: `python -m deploy.localpg [--replicas N] [--] COMMAND...` runs COMMAND with
+`DATABASE_URL` set, and with `--replicas N` also `DATABASE_REPLICA_URLS`: the URLs of N
+streaming replicas of that database, separated by single spaces (a libpq URL may hold commas,
+never whitespace). When `DATABASE_URL` is already set it runs COMMAND against that server and
+starts nothing; `--replicas` is then refused (exit 2), since only a server of our own can be
+given replicas. Either way COMMAND runs in a session of its own, and Ctrl-C (or SIGTERM)
+reaches it as one SIGTERM, gunicorn's graceful stop; the servers are stopped after COMMAND exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import secrets
@@ -492,23 +496,50 @@ class LocalReplica(LocalPostgres):
             time.sleep(0.01)
 
 
-def run_with_database(command: list[str]) -> int:
+REFUSED_REPLICAS = (
+    "--replicas starts replicas of a throwaway server, and DATABASE_URL names a server of "
+    "yours: unset DATABASE_URL, or drop --replicas and set DATABASE_REPLICA_URLS yourself"
+)
+
+
+def run_with_database(command: list[str], replicas: int = 0) -> int:
     """Run `command` with DATABASE_URL pointing at a throwaway cluster, or at the server that
-    DATABASE_URL already names (starting nothing); return its exit code."""
+    DATABASE_URL already names (starting nothing); return its exit code.
+
+    With `replicas`, the throwaway cluster gets that many streaming replicas, in
+    DATABASE_REPLICA_URLS (space-separated), and commits synchronously so that a commit is on
+    its way to them when it returns, as on a production primary. Without, DATABASE_REPLICA_URLS
+    is removed: replicas of some other server cannot serve a throwaway one. With DATABASE_URL
+    set, `replicas` is refused (exit 2, REFUSED_REPLICAS on stderr) and nothing runs.
+    """
     if os.environ.get("DATABASE_URL"):
+        if replicas:
+            print(f"localpg: {REFUSED_REPLICAS}", file=sys.stderr)
+            return 2
         return _run(command, dict(os.environ))
+    primary = LocalPostgres(
+        parent=_project_folder(), settings={"synchronous_commit": "on"} if replicas else None
+    )
+    servers = [primary]  # stopped last to first: the replicas, then their primary
     try:
-        server = LocalPostgres(parent=_project_folder()).start()
+        primary.start()
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_REPLICA_URLS"}
+        env["DATABASE_URL"] = primary.create_database("app")
+        print(f"localpg: throwaway PostgreSQL on 127.0.0.1:{primary.port}", flush=True)
+        for _ in range(replicas):
+            servers.append(primary.start_replica())
+            print(f"localpg: streaming replica on 127.0.0.1:{servers[-1].port}", flush=True)
+        if replicas:
+            env["DATABASE_REPLICA_URLS"] = " ".join(r.dsn("app") for r in servers[1:])
+        return _run(command, env)
     except LocalPostgresError as exc:
         print(f"localpg: {exc}", file=sys.stderr)
         return 2
-    try:
-        env = {**os.environ, "DATABASE_URL": server.create_database("app")}
-        print(f"localpg: throwaway PostgreSQL on 127.0.0.1:{server.port}", flush=True)
-        return _run(command, env)
     finally:
-        server.stop()
-        print("localpg: throwaway PostgreSQL stopped and removed", flush=True)
+        for server in reversed(servers):
+            server.stop()
+        if primary.port:
+            print("localpg: throwaway PostgreSQL stopped and removed", flush=True)
 
 
 def _run(command: list[str], env: dict[str, str]) -> int:
@@ -549,11 +580,29 @@ def _project_folder() -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    command = argv[1:] if argv[:1] == ["--"] else argv
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.localpg",
+        description="Run COMMAND with DATABASE_URL set: a throwaway PostgreSQL unless it is set.",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=0,
+        metavar="N",
+        help="also start N streaming replicas, in DATABASE_REPLICA_URLS (space-separated)",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="[--] COMMAND...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        print("usage: python -m deploy.localpg [--] COMMAND...", file=sys.stderr)
-        return 2
-    return run_with_database(command)
+        parser.error("COMMAND is missing")
+    return run_with_database(command, args.replicas)
+
+
+def _replica_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a count of replicas, 0 or more, not {text!r}")
+    return int(text)
 
 
 if __name__ == "__main__":

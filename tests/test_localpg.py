@@ -1,4 +1,5 @@
-"""`python -m deploy.localpg -- COMMAND`: the throwaway PostgreSQL behind `make run`."""
+"""`python -m deploy.localpg [--replicas N] -- COMMAND`: the throwaway PostgreSQL behind
+`make run`, and its streaming replicas."""
 
 import os
 import signal
@@ -21,9 +22,11 @@ def localpg_env(**env: str) -> dict[str, str]:
     return {**base, **env}
 
 
-def run_localpg(command: list[str], timeout: float = 120, **env: str):
+def run_localpg(
+    command: list[str], timeout: float = 120, options: tuple[str, ...] = (), **env: str
+):
     return subprocess.run(
-        [sys.executable, "-m", "deploy.localpg", "--", *command],
+        [sys.executable, "-m", "deploy.localpg", *options, "--", *command],
         cwd=REPO,
         env=localpg_env(**env),
         capture_output=True,
@@ -72,16 +75,71 @@ def test_without_database_url_it_runs_the_command_on_a_throwaway_server_then_rem
         "assert cur.fetchone() == (1,)\n"
         "cur.execute('SHOW data_directory')\n"
         "print('data directory:', cur.fetchone()[0])\n"
+        "print('replica urls:', os.environ.get('DATABASE_REPLICA_URLS'))\n"
         "conn.close()\n"
         "sys.exit(3)\n"
     )
-    done = run_localpg([sys.executable, "-c", select_one])
+    done = run_localpg([sys.executable, "-c", select_one], DATABASE_REPLICA_URLS=STALE_REPLICAS)
     assert done.returncode == 3, done.stdout + done.stderr
+    assert "replica urls: None" in done.stdout
     [line] = [line for line in done.stdout.splitlines() if line.startswith("data directory:")]
     cluster = Path(line.split(":", 1)[1].strip()).parent
     assert cluster.name.startswith("localpg-")
     assert not cluster.exists()
     assert "stopped and removed" in done.stdout
+
+
+STALE_REPLICAS = "postgresql://nobody:secret@127.0.0.1:1/x postgresql://nobody:secret@127.0.0.1:2/x"
+
+# Writes on the primary, then reads it back on the one replica, waiting for it (10 s at most).
+WRITE_THEN_READ_ON_THE_REPLICA = (
+    "import os, sys, time, psycopg2\n"
+    "replicas = os.environ['DATABASE_REPLICA_URLS'].split(' ')\n"
+    "print('replicas:', len(replicas))\n"
+    "primary = psycopg2.connect(os.environ['DATABASE_URL'])\n"
+    "primary.autocommit = True\n"
+    "primary.cursor().execute(\"CREATE TABLE notes AS SELECT 'from the primary' AS note\")\n"
+    "replica = psycopg2.connect(replicas[0])\n"
+    "replica.autocommit = True\n"
+    "cur = replica.cursor()\n"
+    "cur.execute('SELECT pg_is_in_recovery()')\n"
+    "print('in recovery:', cur.fetchone()[0])\n"
+    "deadline = time.monotonic() + 10\n"
+    "while time.monotonic() < deadline:\n"
+    "    try:\n"
+    "        cur.execute('SELECT note FROM notes')\n"
+    "    except psycopg2.errors.UndefinedTable:\n"
+    "        time.sleep(0.01)\n"
+    "        continue\n"
+    "    print('read on the replica:', cur.fetchone()[0])\n"
+    "    break\n"
+    "sys.exit(5)\n"
+)
+
+
+def test_with_replicas_the_command_reads_on_a_replica_what_it_wrote_on_the_primary():
+    done = run_localpg(
+        [sys.executable, "-c", WRITE_THEN_READ_ON_THE_REPLICA],
+        options=("--replicas", "1"),
+        DATABASE_REPLICA_URLS=STALE_REPLICAS,
+    )
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "replicas: 1\n" in done.stdout
+    assert "in recovery: True\n" in done.stdout
+    assert "read on the replica: from the primary\n" in done.stdout
+    assert "stopped and removed" in done.stdout
+
+
+def test_with_database_url_replicas_are_refused_and_the_command_does_not_run(tmp_path):
+    done = run_localpg(
+        [sys.executable, "-c", "print('the command ran')"],
+        options=("--replicas", "1"),
+        DATABASE_URL=ELSEWHERE,
+        PG_BINDIR=str(tmp_path),
+    )
+    assert done.returncode == 2
+    assert "--replicas" in done.stderr and "DATABASE_URL" in done.stderr
+    assert "the command ran" not in done.stdout
 
 
 # Tells which signal ended it: exit 0 and "got SIGTERM" for gunicorn's graceful stop, exit 1
