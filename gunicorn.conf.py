@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 from gunicorn.glogging import Logger  # noqa: E402
 
 from config import ConfigError, load_settings  # noqa: E402
+from config.settings import redact_dsn  # noqa: E402
 
 try:
     settings = load_settings(os.environ)
@@ -148,9 +149,17 @@ def on_starting(server):
         )
     server.log.info("database: %s", settings.safe_database_url)
     wanted = budget.Budget.of(settings)
-    limits = budget.read_limits(settings.database_url, settings.db_connect_timeout)
-    budget.check(wanted, limits)  # BudgetExceeded: a RuntimeError, so one line and exit 1
-    server.log.info("connection budget: %s, of %s allowed (%s)", wanted, limits.allowed, limits)
+    # Each server, the primary and every replica, must take every worker's pool for it.
+    for url in (settings.database_url, *settings.database_replica_urls):
+        limits = budget.read_limits(url, settings.db_connect_timeout)
+        budget.check(wanted, limits)  # BudgetExceeded: a RuntimeError, so one line and exit 1
+        server.log.info(
+            "connection budget: %s, of %s allowed (%s) at %s",
+            wanted,
+            limits.allowed,
+            limits,
+            redact_dsn(url),
+        )
     try:
         applied = schema.migrate(settings.database_url, settings.db_connect_timeout)
     except psycopg2.Error as exc:  # gunicorn prints a RuntimeError as one line and exits 1

@@ -199,6 +199,32 @@ VARIABLES = (
         86_400,
         "seconds a request may hold a connection before a warning logs the stack that holds it",
     ),
+    Variable(
+        "REPLICA_POLL_INTERVAL_S",
+        float,
+        0.025,
+        0.005,
+        10,
+        "seconds between two reads of each replica's replay position, by each worker",
+    ),
+    Variable(
+        "REPLICA_MAX_LAG_S",
+        float,
+        10.0,
+        0.1,
+        3600,
+        "seconds a replica may lag behind the primary and stay in rotation: the oldest a read "
+        "without a token may be",
+    ),
+    Variable(
+        "REPLICA_CATCH_UP_S",
+        float,
+        0.1,
+        0,
+        10,
+        "seconds a read whose position no replica has replayed waits for one, then goes to the "
+        "primary",
+    ),
 )
 
 
@@ -209,6 +235,7 @@ TOKEN_MIN_LENGTH = 16
 @dataclass(frozen=True)
 class Settings:
     database_url: str = field(repr=False)  # may hold a password: never printed
+    database_replica_urls: tuple[str, ...] = field(repr=False)  # likewise
     api_tokens: tuple[str, ...] = field(repr=False)  # secrets: never printed
     port: int
     metrics_port: int
@@ -230,6 +257,9 @@ class Settings:
     db_pool_max_lifetime: float
     trusted_proxies: int
     db_pool_leak_warn_s: float
+    replica_poll_interval_s: float
+    replica_max_lag_s: float
+    replica_catch_up_s: float
 
     @property
     def safe_database_url(self) -> str:
@@ -239,7 +269,11 @@ class Settings:
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read every variable from `environ`; raise ConfigError on the first bad one."""
-    values: dict = {"database_url": _database_url(environ), "api_tokens": _api_tokens(environ)}
+    values: dict = {
+        "database_url": _database_url(environ),
+        "database_replica_urls": _replica_urls(environ),
+        "api_tokens": _api_tokens(environ),
+    }
     for var in VARIABLES:
         values[var.name.lower()] = _read(environ, var, values)
     _check_ports(values)
@@ -290,13 +324,32 @@ def _check_pool(environ: Mapping[str, str], v: dict) -> None:
 
 def _database_url(environ: Mapping[str, str]) -> str:
     """DATABASE_URL, or "" so that libpq reads its PG* variables (PGHOST, PGUSER, ...)."""
-    url = environ.get("DATABASE_URL", "").strip()
+    return _checked_url("DATABASE_URL", environ.get("DATABASE_URL", "").strip())
+
+
+def _replica_urls(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """DATABASE_REPLICA_URLS: streaming replicas' URLs, separated by white space (a URL may
+    hold commas: libpq's several hosts); () when unset, and every query goes to DATABASE_URL."""
+    urls = environ.get("DATABASE_REPLICA_URLS", "").split()
+    for url in urls:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"DATABASE_REPLICA_URLS holds {redact_dsn(url)!r}: accepted postgresql:// URLs "
+                "separated by white space"
+            )
+        _checked_url("DATABASE_REPLICA_URLS", url)
+    if len(set(urls)) != len(urls):
+        raise ConfigError("DATABASE_REPLICA_URLS names a replica twice")
+    return tuple(urls)
+
+
+def _checked_url(name: str, url: str) -> str:
     if url:
         try:
             params = psycopg2.extensions.parse_dsn(url)
         except psycopg2.ProgrammingError:
             raise ConfigError(
-                f"DATABASE_URL={redact_dsn(url)!r} is not a valid PostgreSQL URL or DSN"
+                f"{name}={redact_dsn(url)!r} is not a valid PostgreSQL URL or DSN"
             ) from None
         # libpq parses the port only when it connects: `host:bad` would pass as a DSN and then
         # fail every connect, so the start would wait for a database it can never reach.
@@ -307,7 +360,7 @@ def _database_url(environ: Mapping[str, str]) -> str:
             for port in ports
         ):
             raise ConfigError(
-                f"DATABASE_URL={redact_dsn(url)!r} has port {params['port']!r}; accepted a "
+                f"{name}={redact_dsn(url)!r} has port {params['port']!r}; accepted a "
                 "number from 1 to 65535 (one per host)"
             )
     return url

@@ -13,7 +13,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from config import Settings, load_settings
 from service import db
-from service.api import auth, client, errors, health, openapi, users
+from service.api import auth, client, consistency, errors, health, openapi, users
 from service.api.errors import ApiError
 from service.api.json_provider import OrjsonProvider
 from service.observability import logs, metrics
@@ -37,10 +37,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(_require_host)
     auth.register(app, frozenset({users.bp.name}))
     app.before_request(_read_whole_body)
+    if app.config["SETTINGS"].database_replica_urls:
+        consistency.register(app)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
-    loaders = users.batch_loaders()
+    loaders = users.batch_loaders(replicas=bool(app.config["SETTINGS"].database_replica_urls))
     app.extensions.update(loaders)
     app.extensions[db.WAITING_ELSEWHERE] = lambda: sum(x.waiting for x in loaders.values())
     app.extensions[db.CLIENT_GONE] = client.hung_up

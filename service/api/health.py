@@ -17,7 +17,7 @@ import gevent
 from flask import Blueprint, current_app
 
 from service.api.errors import RETRY_AFTER_S, error_response
-from service.db import DatabaseUnavailable, current_pool
+from service.db import DatabaseUnavailable, current_pool, current_replicas
 
 bp = Blueprint("health", __name__)
 
@@ -37,7 +37,10 @@ def readyz():
     `draining` at once, without the query, once the worker is draining.
 
     The deadline covers the wait for a connection and the query; a query still running at
-    the deadline is abandoned and its connection discarded by the pool.
+    the deadline is abandoned and its connection discarded by the pool. With replicas, it
+    also reports each replica as this worker last saw it (`state`: up, down, lagging,
+    promoted, joining; lag in bytes and seconds); a replica down does not make it 503, since
+    reads then go to the primary.
     """
     if current_app.extensions.get(DRAINING):
         response = error_response(
@@ -52,4 +55,7 @@ def readyz():
         pool.connection(READY_DEADLINE_S, autocommit=True) as db,
     ):
         db.execute("SELECT 1")
-    return {"status": "ok", "pool": pool.stats()}
+    replicas = current_replicas()
+    if replicas is None:
+        return {"status": "ok", "pool": pool.stats()}
+    return {"status": "ok", "pool": pool.stats(), "replicas": replicas.report()}

@@ -42,13 +42,19 @@ once when nothing is left), then up to the statement timeout for its statement: 
 pool timeout and two statement timeouts in all, where a single statement takes one.
 Uniqueness of email is the database's job (a unique index): a race between two creators ends
 in one 201 and one 409, never in two rows.
+
+With streaming replicas (DATABASE_REPLICA_URLS), writes are as above, on the primary; reads by
+id and pages run on a replica (`get_db(read_only=True)`), and a read "sees every write
+committed before it was asked" only for writes its client's consistency token covers: its own
+and what it read before, when it carries its last token (service/api/consistency.py). A read
+without a token may miss others' writes by up to REPLICA_MAX_LAG_S.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg2.errors
@@ -57,8 +63,16 @@ from flask import Blueprint, current_app, request
 from service.api import client
 from service.api.errors import ApiError
 from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
-from service.db import ClientGone, Cursor, PoolTimeout, current_pool, get_db
-from service.db.batch import MAX_KEYS, BatchLoader
+from service.db import (
+    ClientGone,
+    Cursor,
+    PoolTimeout,
+    current_pool,
+    get_db,
+    request_position,
+    seen,
+)
+from service.db.batch import MAX_KEYS, BatchLoader, Sending
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
@@ -126,21 +140,24 @@ def get_user(user_id: str):
     return _found(current_app.extensions[LOADER].get(uid))
 
 
-def batch_loaders() -> dict[str, BatchLoader]:
+def batch_loaders(replicas: bool = False) -> dict[str, BatchLoader]:
     """One worker's batch loaders (service/db/batch.py), by the key `create_app` keeps each
-    under in `app.extensions`: users by id, pages, creates and updates."""
+    under in `app.extensions`: users by id, pages, creates and updates. With `replicas`, each
+    batch reads at the latest position its requests must see, and hands each the position its
+    statement wrote or saw (service/api/consistency.py)."""
+    positions = {"at_least": request_position, "saw": seen} if replicas else {}
     return {
-        LOADER: _loader(_users_by_id, metrics.lookups_answered),
+        LOADER: _loader(_users_by_id, metrics.lookups_answered, **positions),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
-        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY),
+        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, **positions),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
-        CREATES: _loader(_create_users),
-        UPDATES: _loader(_update_users),
+        CREATES: _loader(_create_users, **positions),
+        UPDATES: _loader(_update_users, **positions),
     }
 
 
 def _loader(
-    fetch, answered: Callable[[int], None] | None = None, max_keys: int = MAX_KEYS
+    fetch, answered: Callable[[int], None] | None = None, max_keys: int = MAX_KEYS, **positions
 ) -> BatchLoader:
     return BatchLoader(
         fetch,
@@ -150,6 +167,7 @@ def _loader(
         waited=logs.add_pool_wait,
         answered=answered,
         max_keys=max_keys,
+        **positions,
     )
 
 
@@ -174,42 +192,52 @@ def _no_connection_in_time() -> PoolTimeout:
     return pool.turned_away(f"no database connection became free within {pool.timeout:g} s")
 
 
-def _batch_db(waited_s: float):
+def _batch_db(waited_s: float, connected: Sending, read_only: bool = False):
     """`get_db()` for a batch's statement: the sender's wait for its turn (`waited_s`) counts
-    against its wait for a connection."""
-    return get_db(max(0.0, current_pool().timeout - waited_s), autocommit=True)
+    against its wait for a connection; a read sees what every request in the batch must."""
+    timeout = max(0.0, current_pool().timeout - waited_s)
+    if read_only:
+        return get_db(timeout, read_only=True, at_least=connected.at_least)
+    return get_db(timeout, autocommit=True)
 
 
-def _users_by_id(waited_s: float, connected: Callable[[], Sequence[int]]) -> dict[int, dict]:
-    with _batch_db(waited_s) as db:
+def _users_by_id(waited_s: float, connected: Sending) -> dict[int, dict]:
+    with _batch_db(waited_s, connected, read_only=True) as db:
         ids = connected()
         db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
-        return {row["id"]: row for row in db.fetchall()}
+        rows = {row["id"]: row for row in db.fetchall()}
+    connected.saw(db.position)
+    return rows
 
 
-def _pages(waited_s: float, connected: Callable[[], Sequence[tuple[int, int]]]) -> dict:
+def _pages(waited_s: float, connected: Sending) -> dict:
     """Each page asked for, `(upto, n)`: the newest `n` users whose id is at most `upto`,
     newest first; requests for the same page share its rows. One statement for all: a plain
     query when they all asked for one page (the common case: the newest users), since the
     lateral join costs PostgreSQL more to plan."""
-    with _batch_db(waited_s) as db:
-        pages = list(set(connected()))
-        if len(pages) == 1:
-            db.execute(
-                f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s", pages[0]
-            )
-            return {pages[0]: db.fetchall()}
+    with _batch_db(waited_s, connected, read_only=True) as db:
+        rows = _page_rows(db, list(set(connected())))
+    connected.saw(db.position)
+    return rows
+
+
+def _page_rows(db: Cursor, pages: list[tuple[int, int]]) -> dict:
+    if len(pages) == 1:
         db.execute(
-            "SELECT p.i AS page_no, u.* FROM unnest(%s::bigint[], %s::int[])"
-            " WITH ORDINALITY AS p(upto, n, i) CROSS JOIN LATERAL"
-            f" (SELECT {_COLUMNS} FROM users WHERE id <= p.upto ORDER BY id DESC LIMIT p.n) u"
-            " ORDER BY p.i, u.id DESC",
-            ([upto for upto, _ in pages], [n for _, n in pages]),
+            f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s", pages[0]
         )
-        rows: dict[tuple[int, int], list[dict]] = {page: [] for page in pages}
-        for row in db.fetchall():
-            rows[pages[row.pop("page_no") - 1]].append(row)
-        return rows
+        return {pages[0]: db.fetchall()}
+    db.execute(
+        "SELECT p.i AS page_no, u.* FROM unnest(%s::bigint[], %s::int[])"
+        " WITH ORDINALITY AS p(upto, n, i) CROSS JOIN LATERAL"
+        f" (SELECT {_COLUMNS} FROM users WHERE id <= p.upto ORDER BY id DESC LIMIT p.n) u"
+        " ORDER BY p.i, u.id DESC",
+        ([upto for upto, _ in pages], [n for _, n in pages]),
+    )
+    rows: dict[tuple[int, int], list[dict]] = {page: [] for page in pages}
+    for row in db.fetchall():
+        rows[pages[row.pop("page_no") - 1]].append(row)
+    return rows
 
 
 @bp.patch("/<user_id>")
@@ -261,8 +289,8 @@ def _still_wanted(writes: list[_Write]) -> tuple[list[_Write], dict]:
     return [write for write in writes if write not in gone], gone
 
 
-def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
-    with _batch_db(waited_s) as db:
+def _create_users(waited_s: float, connected: Sending) -> dict:
+    with _batch_db(waited_s, connected) as db:
         creates, answers = _still_wanted(connected())
         first: dict[str, _Write] = {}  # the first create of each email; the others are 409
         for write in creates:
@@ -280,14 +308,15 @@ def _create_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dic
                     ([write.name for write in ordered], [write.email for write in ordered]),
                 )
             by_email = {row["email"]: row for row in db.fetchall()}
+    connected.saw(db.position)
     for write in creates:
         made = first[write.email] is write and write.email in by_email
         answers[write] = by_email[write.email] if made else _email_taken()
     return answers
 
 
-def _update_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dict:
-    with _batch_db(waited_s) as db:
+def _update_users(waited_s: float, connected: Sending) -> dict:
+    with _batch_db(waited_s, connected) as db:
         updates, answers = _still_wanted(connected())
         first: dict[int, _Write] = {}  # the first update of each user; the others run alone
         for write in updates:
@@ -313,6 +342,7 @@ def _update_users(waited_s: float, connected: Callable[[], list[_Write]]) -> dic
                     ),
                 )
             by_id = {row["id"]: row for row in db.fetchall()}
+    connected.saw(db.position)
     # Not updated: missing, locked elsewhere, or not the first of its user; each alone.
     for write in updates:
         made = first[write.uid] is write and write.uid in by_id

@@ -10,7 +10,9 @@ business.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from flask import Flask, current_app
 
@@ -23,10 +25,21 @@ from service.db.errors import (
     TransactionConflict,
 )
 from service.db.pool import Cursor, Pool, PoolEvents
+from service.db.replicas import (
+    ON_PRIMARY,
+    PRIMARY_POSITION_SQL,
+    ReadCursor,
+    ReplicaEvents,
+    ReplicaSet,
+)
 
 __all__ = [
     "CLIENT_GONE",
     "EVENTS",
+    "ON_PRIMARY",
+    "READ_POSITION",
+    "REPLICAS",
+    "SEEN_POSITION",
     "WAITING_ELSEWHERE",
     "ClientGone",
     "Cursor",
@@ -38,8 +51,11 @@ __all__ = [
     "TransactionConflict",
     "close_pool",
     "current_pool",
+    "current_replicas",
     "get_db",
     "open_pool",
+    "request_position",
+    "seen",
 ]
 
 EXTENSION = "service.db.pool"
@@ -52,15 +68,42 @@ WAITING_ELSEWHERE = "service.db.waiting_elsewhere"
 # Where an app keeps a callable saying whether the current request's client has hung up: a
 # request that waited for a connection is then not served (`ClientGone`).
 CLIENT_GONE = "service.db.client_gone"
+# Where an app keeps this worker's `ReplicaSet`, when DATABASE_REPLICA_URLS names replicas.
+REPLICAS = "service.db.replicas"
+# Where an app keeps a callable giving the WAL position the current request's reads must see
+# (ON_PRIMARY: on the primary), and one told every position a block wrote or could have seen.
+READ_POSITION = "service.db.read_position"
+SEEN_POSITION = "service.db.seen_position"
 
 
 def open_pool(app: Flask) -> Pool:
     """Create this worker's pool from the app's settings, keep it on the app, and warm it up
     (best effort: a server that is down is logged, and requests connect later)."""
     settings = app.config["SETTINGS"]
-    events: PoolEvents | None = app.extensions.get(EVENTS)
-    pool = Pool(
-        settings.database_url,
+    pool = _pool(app, settings.database_url)
+    app.extensions[EXTENSION] = pool
+    pool.warm()
+    if settings.database_replica_urls:
+        replicas = ReplicaSet(
+            pool,
+            [(_label(url), url) for url in settings.database_replica_urls],
+            make_pool=lambda url: _pool(app, url, replica=True),
+            poll_interval_s=settings.replica_poll_interval_s,
+            max_lag_s=settings.replica_max_lag_s,
+            catch_up_s=settings.replica_catch_up_s,
+            connect_timeout=settings.db_connect_timeout,
+            events=app.extensions.get(EVENTS),
+        )
+        app.extensions[REPLICAS] = replicas
+        replicas.start()
+    return pool
+
+
+def _pool(app: Flask, dsn: str, replica: bool = False) -> Pool:
+    settings = app.config["SETTINGS"]
+    events: PoolEvents | None = None if replica else app.extensions.get(EVENTS)
+    return Pool(
+        dsn,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         timeout=settings.db_pool_timeout,
@@ -70,16 +113,25 @@ def open_pool(app: Flask) -> Pool:
         max_waiting=settings.db_pool_max_waiting,
         leak_warn_s=settings.db_pool_leak_warn_s,
         events=events,
-        waiting_elsewhere=app.extensions.get(WAITING_ELSEWHERE),
+        waiting_elsewhere=None if replica else app.extensions.get(WAITING_ELSEWHERE),
         client_gone=app.extensions.get(CLIENT_GONE),
+        application_name="service-replica" if replica else "service",
     )
-    app.extensions[EXTENSION] = pool
-    pool.warm()
-    return pool
+
+
+def _label(url: str) -> str:
+    """A replica's name in /readyz, /metrics and the log: its host and port, no password."""
+    import psycopg2.extensions
+
+    params = psycopg2.extensions.parse_dsn(url)
+    return f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"
 
 
 def close_pool(app: Flask) -> None:
     """Close the app's pool, if it has one (see `Pool.close` for lent connections)."""
+    replicas = app.extensions.pop(REPLICAS, None)
+    if replicas is not None:
+        replicas.close()
     pool = app.extensions.pop(EXTENSION, None)
     if pool is not None:
         pool.close()
@@ -93,8 +145,17 @@ def current_pool() -> Pool:
         raise RuntimeError("no pool is open for this app: call service.db.open_pool(app)") from None
 
 
+def current_replicas() -> ReplicaSet | None:
+    """The `ReplicaSet` of the app in context, or None when no replica is configured."""
+    return current_app.extensions.get(REPLICAS)
+
+
 def get_db(
-    timeout: float | None = None, *, autocommit: bool = False
+    timeout: float | None = None,
+    *,
+    autocommit: bool = False,
+    read_only: bool = False,
+    at_least: Callable[[], int] | None = None,
 ) -> AbstractContextManager[Cursor]:
     """A cursor inside one transaction: commit on a clean exit, roll back on an exception,
     whatever the block wrote through and however (see `Pool.connection`).
@@ -106,5 +167,61 @@ def get_db(
     `autocommit=True` makes every statement its own transaction: use it for a block that runs a
     single statement (it saves the BEGIN and COMMIT round trips), or one that cannot run in a
     transaction block, never for statements that must stand or fall together.
+
+    `read_only=True` is for a block that only reads; its statements run as with
+    `autocommit=True`, each its own transaction. With no replica configured it runs on the
+    primary and that is all. With replicas (DATABASE_REPLICA_URLS), it runs on a replica in
+    rotation that has replayed the position the read must see, else on the primary
+    (service/db/replicas.py); a write fails there (SQLSTATE 25006), and is not stopped on the
+    primary. That position is `at_least()`, asked again just before the first statement, or
+    else the request's (`app.extensions[READ_POSITION]`), or else 0. A first statement that
+    fails on a replica with the connection or in a conflict with recovery runs once more
+    elsewhere (`ReadCursor`): the block never sees that.
+
+    With replicas, every block ends by reading the position it wrote (on the primary) or could
+    have seen, one round trip more, into the cursor's `position`, and tells it to
+    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much.
     """
-    return current_pool().connection(timeout, autocommit)
+    replicas = current_replicas()
+    if replicas is None:
+        return current_pool().connection(timeout, autocommit or read_only)
+    if read_only:
+        return _read(replicas, timeout, at_least or request_position)
+    return _write(replicas.primary, timeout, autocommit)
+
+
+@contextmanager
+def _read(
+    replicas: ReplicaSet, timeout: float | None, at_least: Callable[[], int]
+) -> Iterator[ReadCursor]:
+    read = ReadCursor(replicas, timeout, at_least)
+    try:
+        yield read
+    except BaseException:
+        read.close(sys.exc_info()[1])
+        raise
+    read.close(None)
+    seen(read.position)
+    events: ReplicaEvents | None = current_app.extensions.get(EVENTS)
+    if events is not None:
+        events.read_on(read.server)
+
+
+@contextmanager
+def _write(pool: Pool, timeout: float | None, autocommit: bool) -> Iterator[Cursor]:
+    with pool.connection(timeout, autocommit, PRIMARY_POSITION_SQL) as cursor:
+        yield cursor
+    seen(cursor.position)
+
+
+def request_position() -> int:
+    """The position the current request's reads must see (`READ_POSITION`), else 0."""
+    position = current_app.extensions.get(READ_POSITION)
+    return position() if position is not None else 0
+
+
+def seen(position: int | None) -> None:
+    """Tell the current request that it wrote or could have seen `position` (`SEEN_POSITION`)."""
+    hook = current_app.extensions.get(SEEN_POSITION)
+    if hook is not None and position is not None:
+        hook(position)

@@ -45,9 +45,19 @@ MAX_KEYS = 500  # a batch this large is sent as it is; later lookups start the n
 class _Batch:
     """Lookups that go in one query, and, once it returned, its answer."""
 
-    __slots__ = ("closed", "counted", "done", "error", "keys", "rows", "sent_at")
+    __slots__ = (
+        "at_least",
+        "closed",
+        "counted",
+        "done",
+        "error",
+        "keys",
+        "position",
+        "rows",
+        "sent_at",
+    )
 
-    def __init__(self, key: Hashable) -> None:
+    def __init__(self, key: Hashable, at_least: int = 0) -> None:
         self.keys = [key]  # of the lookups in it: one that gives up before it is sent leaves
         self.counted = 0  # its lookups counted in `BatchLoader.waiting`
         self.closed = False  # sent or given up: it counts no longer, and takes no one in
@@ -55,6 +65,29 @@ class _Batch:
         self.done = Event()
         self.rows: dict[Hashable, Any] = {}
         self.error: BaseException | None = None
+        self.at_least = at_least  # the latest position a lookup in it must see
+        self.position: int | None = None  # the position its query wrote or saw
+
+
+class Sending:
+    """What `fetch` gets for its batch: called once the query holds a connection, the keys to
+    answer; `at_least()`, the latest position a lookup in it must see (replicas: `get_db`'s
+    `at_least`); `saw(position)`, to hand every lookup the position the query wrote or saw."""
+
+    __slots__ = ("_batch", "_loader")
+
+    def __init__(self, loader: BatchLoader, batch: _Batch) -> None:
+        self._loader = loader
+        self._batch = batch
+
+    def __call__(self) -> list[Hashable]:
+        return self._loader._sent(self._batch)
+
+    def at_least(self) -> int:
+        return self._batch.at_least
+
+    def saw(self, position: int | None) -> None:
+        self._batch.position = position
 
 
 class BatchLoader:
@@ -71,6 +104,10 @@ class BatchLoader:
     it gets `DatabaseUnavailable`, never a wait without end. `waited(seconds)` is told, in
     each lookup's greenlet, how long it waited for that, and `answered(lookups)`, if given, per
     query, how many lookups it answered (a `fetch` may count what it sends itself instead).
+
+    With replicas, `at_least()` is asked, in each lookup's greenlet, the position its request
+    must see, and the batch must see the latest of them (`Sending.at_least`); `saw(position)`
+    is told, in each lookup's greenlet, the position its query wrote or saw.
     """
 
     def __init__(
@@ -82,6 +119,8 @@ class BatchLoader:
         timed_out: Callable[[], Exception],
         waited: Callable[[float], None],
         answered: Callable[[int], None] | None = None,
+        at_least: Callable[[], int] | None = None,
+        saw: Callable[[int | None], None] | None = None,
         in_flight: int = IN_FLIGHT,
         max_keys: int = MAX_KEYS,
     ) -> None:
@@ -91,6 +130,8 @@ class BatchLoader:
         self._timed_out = timed_out
         self._waited = waited
         self._answered = answered
+        self._at_least = at_least
+        self._saw = saw
         self._slots = FairSemaphore(in_flight)
         self._max_keys = max_keys
         self._batch: _Batch | None = None
@@ -107,15 +148,23 @@ class BatchLoader:
         every lookup it was sent for, and `timed_out()` when it got no connection in time."""
         asked = time.perf_counter()
         deadline = asked + self._turn_timeout()  # raises for a request that may wait no more
+        at_least = self._at_least() if self._at_least is not None else 0
         while True:
             batch = self._batch
             if batch is None:
-                return self._send(_Batch(key), key, asked, deadline)
+                batch = _Batch(key, at_least)
+                answer = self._send(batch, key, asked, deadline)
+                break
+            batch.at_least = max(batch.at_least, at_least)
             if self._join(batch, key, asked, deadline):
                 if batch.error is not None:
                     raise _again(batch.error) from batch.error
-                return _answer(batch, key)
+                answer = _answer(batch, key)
+                break
             # Its sender gave up before the query held a connection: this one goes on.
+        if self._saw is not None:
+            self._saw(batch.position)
+        return answer
 
     def _join(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> bool:
         """Wait in `batch` for its query; whether it was sent (False: it was given up)."""
@@ -153,7 +202,7 @@ class BatchLoader:
             waited_s = time.perf_counter() - asked
             try:
                 self._waited(waited_s)
-                batch.rows = self._fetch(waited_s, lambda: self._sent(batch))
+                batch.rows = self._fetch(waited_s, Sending(self, batch))
             finally:
                 self._slots.release()
             if self._answered is not None:

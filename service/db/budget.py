@@ -35,18 +35,25 @@ class Budget:
     web_concurrency: int
     pool_max: int
     instances: int
+    # With replicas, each worker also holds one connection to every server for its monitor
+    # (service/db/replicas.py).
+    monitors: int = 0
 
     @classmethod
     def of(cls, settings: Settings) -> Budget:
-        return cls(settings.web_concurrency, settings.db_pool_max, settings.app_instances)
+        monitors = 1 if settings.database_replica_urls else 0
+        return cls(settings.web_concurrency, settings.db_pool_max, settings.app_instances, monitors)
 
     @property
     def connections(self) -> int:
-        return self.web_concurrency * self.pool_max * self.instances
+        return self.web_concurrency * (self.pool_max + self.monitors) * self.instances
 
     def __str__(self) -> str:
+        pool = f"DB_POOL_MAX {self.pool_max}"
+        if self.monitors:
+            pool = f"(DB_POOL_MAX {self.pool_max} + {self.monitors} monitor)"
         return (
-            f"WEB_CONCURRENCY {self.web_concurrency} x DB_POOL_MAX {self.pool_max}"
+            f"WEB_CONCURRENCY {self.web_concurrency} x {pool}"
             f" x APP_INSTANCES {self.instances} = {self.connections} connections"
         )
 

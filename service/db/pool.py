@@ -49,6 +49,7 @@ from service.db.errors import (
     connection_lost,
     translate,
 )
+from service.db.lsn import parse_lsn
 from service.db.semaphore import FairSemaphore
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,12 @@ class Cursor(RealDictCursor):
     """Rows as dicts. A statement that gets no answer within its connection's `deadline_s` (a
     network path that died silently: the server's statement timeout cannot help when its answer
     never arrives) closes the connection and raises `DatabaseUnavailable` instead of waiting for
-    TCP keepalives."""
+    TCP keepalives.
+
+    `position` is the WAL position read at the end of a block that asked for one
+    (`Pool.connection`'s `position_sql`), as an int; None before then."""
+
+    position: int | None = None
 
     def execute(self, query, vars=None):
         with deadline(self.connection.deadline_s, self._give_up):
@@ -209,6 +215,7 @@ class Pool(ThreadedConnectionPool):
             keepalives_interval=10,
             keepalives_count=3,
         )
+        self.dsn = dsn
         self.max_size = max_size
         self._min_size = min_size
         self._timeout = timeout
@@ -238,7 +245,7 @@ class Pool(ThreadedConnectionPool):
 
     @contextmanager
     def connection(
-        self, timeout: float | None = None, autocommit: bool = False
+        self, timeout: float | None = None, autocommit: bool = False, position_sql: str = ""
     ) -> Iterator[Cursor]:
         """Lend a cursor inside one transaction: commit on a clean exit, roll back otherwise.
 
@@ -265,6 +272,10 @@ class Pool(ThreadedConnectionPool):
         (service/db/errors.py); any other psycopg2 error as it is. The connection always comes
         back, rolled back; a broken one is closed and never lent again. Held longer than
         `leak_warn_s`, it is logged once with the stack of the greenlet that holds it.
+
+        With `position_sql` (an SQL expression of type pg_lsn), once the block ended cleanly and
+        its transaction committed, the same connection reads that expression, in a round trip
+        of its own, into the cursor's `position`: what the block wrote or could have seen.
         """
         conn = self._checkout(self._timeout if timeout is None else timeout)
         watchdog = gevent.get_hub().loop.timer(self._leak_warn_s)
@@ -285,6 +296,10 @@ class Pool(ThreadedConnectionPool):
                 yield cursor
                 if not autocommit:
                     _commit(conn)
+                if position_sql:
+                    conn.autocommit = True  # idle now: no round trip, and no BEGIN for this
+                    cursor.execute(f"SELECT ({position_sql})::text AS position")
+                    cursor.position = parse_lsn(cursor.fetchone()["position"])
         finally:
             watchdog.close()
             self._checkin(conn)

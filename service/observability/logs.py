@@ -48,13 +48,14 @@ _encode = json.JSONEncoder(default=str).encode
 class RequestLog:
     """What the access line will say about the request being served."""
 
-    __slots__ = ("id", "pool_wait_s", "started", "status")
+    __slots__ = ("db_server", "id", "pool_wait_s", "started", "status")
 
     def __init__(self, request_id: str, started: float, pool_wait_s: float = 0.0):
         self.id = request_id
         self.started = started
         self.pool_wait_s = pool_wait_s
         self.status = 500  # until a response is made
+        self.db_server: str | None = None  # with replicas: the server of its last read
 
 
 _current: ContextVar[RequestLog | None] = ContextVar("service_request", default=None)
@@ -70,6 +71,13 @@ def add_pool_wait(wait_s: float) -> None:
     current = _current.get()
     if current is not None:
         current.pool_wait_s += wait_s
+
+
+def add_read_server(server: str) -> None:
+    """Name, in the current request's access line, the server its read ran on (replicas)."""
+    current = _current.get()
+    if current is not None:
+        current.db_server = server
 
 
 def register(app: Flask) -> None:
@@ -117,6 +125,8 @@ def _log_access(exc: BaseException | None) -> None:
             line["duration_ms"] = round(duration_s * 1000, 3)
             line["pool_wait_ms"] = round(current.pool_wait_s * 1000, 3)
             line["remote_addr"] = served.remote_addr
+            if current.db_server is not None:
+                line["db_server"] = current.db_server
             _write(_encode(line))
     finally:
         _current.set(None)

@@ -79,6 +79,37 @@ BATCHED_WRITES = Counter(
     "db_batched_writes", "Creates and updates of users sent in batch statements", ["kind"]
 )
 BATCH_STATEMENTS = Counter("db_batch_statements", "Batch statements sent for them", ["kind"])
+READS = Counter("db_reads", "Read-only blocks, by the server that ran them", ["server"])
+READ_FALLBACKS = Counter(
+    "db_read_fallbacks",
+    "Read-only blocks sent to the primary while replicas are configured",
+    ["reason"],
+)
+READ_RETRIES = Counter(
+    "db_read_retries", "Reads whose first statement failed on a replica and ran again elsewhere"
+)
+CATCH_UP_WAITS = Histogram(
+    "db_read_catch_up_wait_seconds",
+    "Waits of reads for a replica to replay their position",
+    ["caught_up"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+REPLICA_UP = Gauge(
+    "db_replica_up", "1 while a replica is in rotation", ["replica"], multiprocess_mode="max"
+)
+REPLICA_LAG_BYTES = Gauge(
+    "db_replica_lag_bytes", "WAL a replica has not replayed", ["replica"], multiprocess_mode="max"
+)
+REPLICA_LAG_SECONDS = Gauge(
+    "db_replica_lag_seconds",
+    "How long a replica has been behind",
+    ["replica"],
+    multiprocess_mode="max",
+)
+TOKENS_UNREADABLE = Counter(
+    "consistency_tokens_unreadable",
+    "Consistency tokens the service could not read (read on the primary)",
+)
 REQUESTS = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
     "http_request_duration_seconds",
@@ -122,6 +153,31 @@ class PoolMetrics:
             if self._last.get(key) != value:
                 self._last[key] = value
                 POOL_GAUGES[key].set(value)
+
+    # service/db/replicas.py's ReplicaEvents.
+
+    def read_on(self, server: str) -> None:
+        READS.labels(server).inc()
+        logs.add_read_server(server)
+
+    def fell_back(self, reason: str) -> None:
+        READ_FALLBACKS.labels(reason).inc()
+
+    def caught_up(self, waited_s: float, ok: bool) -> None:
+        CATCH_UP_WAITS.labels("yes" if ok else "no").observe(waited_s)
+
+    def retried(self, label: str) -> None:
+        READ_RETRIES.inc()
+
+    def replica_state(self, label: str, up: bool, lag_bytes: int, lag_s: float) -> None:
+        REPLICA_UP.labels(label).set(1 if up else 0)
+        REPLICA_LAG_BYTES.labels(label).set(lag_bytes)
+        REPLICA_LAG_SECONDS.labels(label).set(lag_s)
+
+
+def token_unreadable() -> None:
+    """A request presented a consistency token the service could not read."""
+    TOKENS_UNREADABLE.inc()
 
 
 def connection_closed(reason: str) -> None:

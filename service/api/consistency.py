@@ -1,0 +1,96 @@
+"""Consistency tokens: read-your-writes and monotonic reads across requests, workers and
+instances while reads go to streaming replicas, with no store shared between instances.
+
+Registered only when DATABASE_REPLICA_URLS names replicas; without them nothing here runs,
+and no token is sent or read.
+
+A response to a request that touched the database carries a token: the WAL position its
+writes reached, or the position of what its reads could have seen (service/db/replicas.py),
+and never less than the token it presented. It is sent as the `Consistency-Token` header and
+as the `consistency_token` cookie (for browsers, which carry it by themselves). A request that
+presents a token (the header, the cookie, or both: the later position counts) reads only on a
+server that has replayed that far: a replica, or else the primary.
+
+What each client is promised, with replicas:
+
+* A client that presents the token of its last response reads everything it wrote, and
+  nothing older than what it read before (read-your-writes, monotonic reads), whichever
+  worker or instance answers it, and whichever replica it lands on.
+* A read without a token may miss writes made by others, by up to REPLICA_MAX_LAG_S (a
+  replica lagging further leaves the rotation), and, by not carrying its token, its own.
+* Writes, and the rules of users.py, are as without replicas: they run on the primary.
+
+A token is `1:` and an LSN (`1:16/B374D848`). One the service cannot read (garbled, forged,
+from another release) sends that request's reads to the primary, counted in `/metrics`
+(`consistency_tokens_unreadable_total`): never an error and never a stale read. Nor can a
+token make the service do more than a read on the primary: a position beyond the primary's own
+is read there at once, and one a replica has not reached waits for it at most
+REPLICA_CATCH_UP_S. Tokens are not secrets, and are not signed: they say only how far to read.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, Response, g, has_request_context, request
+
+from service import db
+from service.db.lsn import format_lsn, parse_lsn
+from service.observability import metrics
+
+HEADER = "Consistency-Token"
+COOKIE = "consistency_token"
+VERSION = "1"
+
+
+def register(app: Flask) -> None:
+    app.before_request(_read_token)
+    app.after_request(_hand_token)
+    app.extensions[db.READ_POSITION] = _at_least
+    app.extensions[db.SEEN_POSITION] = _saw
+
+
+def encode(position: int) -> str:
+    return f"{VERSION}:{format_lsn(position)}"
+
+
+def decode(token: str) -> int | None:
+    """The position of a token, or None for one this release cannot read."""
+    version, colon, lsn = token.strip().partition(":")
+    if not colon or version != VERSION:
+        return None
+    try:
+        return parse_lsn(lsn)
+    except ValueError:
+        return None
+
+
+def _read_token() -> None:
+    g.seen_position = 0
+    g.read_at_least = 0
+    for token in (request.headers.get(HEADER), request.cookies.get(COOKIE)):
+        if token is None:
+            continue
+        position = decode(token)
+        if position is None:
+            metrics.token_unreadable()
+            g.read_at_least = db.ON_PRIMARY
+            return
+        g.read_at_least = max(g.read_at_least, position)
+
+
+def _at_least() -> int:
+    return g.get("read_at_least", 0) if has_request_context() else 0
+
+
+def _saw(position: int) -> None:
+    if has_request_context():
+        g.seen_position = max(g.get("seen_position", 0), position)
+
+
+def _hand_token(response: Response) -> Response:
+    seen = g.get("seen_position", 0)
+    if seen:
+        presented = g.get("read_at_least", 0)
+        token = encode(max(seen, presented if presented < db.ON_PRIMARY else 0))
+        response.headers[HEADER] = token
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Lax")
+    return response

@@ -1,0 +1,433 @@
+"""Reads on streaming replicas: which server a read-only block runs on, known without a round
+trip, and the WAL positions that keep a client from reading older data than it has seen.
+
+A position is a WAL location (an LSN) as an int. Every write block on the primary ends by
+reading `pg_current_wal_insert_lsn()`, at least the end of its commit record; every read block
+ends by reading the position of what it could have seen: on a replica the WAL it has received
+(`pg_last_wal_receive_lsn()`, never less than what it has replayed, and so than any snapshot
+it gave), on the primary its insert position. The API hands these to clients as tokens
+(service/api/consistency.py); a read that presents one runs only on a server that has replayed
+that far.
+
+`ReplicaSet` keeps, per worker, one pool per replica and a monitor greenlet per server that
+reads, every REPLICA_POLL_INTERVAL_S, each replica's replay position and whether it is still in
+recovery, and the primary's insert position (for lag in bytes and seconds). A replica is in
+rotation while its last poll answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
+at most REPLICA_MAX_LAG_S; a replica that fails a request's connection is taken out at once,
+until its monitor sees it answer again. So a replica that refuses connections, stops
+answering, lags or is promoted leaves the rotation within a poll interval and the probe
+deadline. One that comes back rejoins over `RAMP_S`: it takes a growing share of the reads
+meant for it, the rest going to the primary, so that every worker does not open its
+connections to it at once.
+
+Choosing a server is a lookup in memory. A read whose position no replica in rotation has
+replayed wakes the monitors at once and waits up to REPLICA_CATCH_UP_S for one to catch up,
+then runs on the primary. A position ahead of the primary's own (as last read, plus
+`AHEAD_SLACK_BYTES`) cannot come from a write this service acknowledged: it is read on the
+primary at once, counted. So the primary's share of reads is bounded by the reads whose
+position no replica had replayed within the catch-up wait, those that find no replica in
+rotation, and a rejoining replica's ramp.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from typing import Protocol
+
+import gevent
+import psycopg2
+import psycopg2.extensions
+from gevent.event import Event
+
+from service.db.errors import DatabaseUnavailable, TransactionConflict, translate
+from service.db.lsn import parse_lsn
+from service.db.pool import Cursor, Pool, connect, deadline
+
+log = logging.getLogger(__name__)
+
+# A monitor's poll that gets no answer within this is a replica down (a paused server, a
+# silent network): with the poll interval, the time a dead replica stays in rotation.
+PROBE_DEADLINE_S = 0.5
+# A replica that comes back takes this long to take its whole share of the reads.
+RAMP_S = 2.0
+RAMP_FLOOR = 0.05
+# The position of a read that must run on the primary (a token the service cannot read).
+ON_PRIMARY = 1 << 64
+# A position this far ahead of the primary's insert position as last read is no client's:
+# the primary writes far less than this between two polls.
+AHEAD_SLACK_BYTES = 64 << 20
+# How long the primary's positions are kept, to tell a replica's lag in seconds.
+HISTORY_S = 120.0
+
+PRIMARY = "primary"
+PRIMARY_POSITION_SQL = "pg_current_wal_insert_lsn()"
+REPLICA_POSITION_SQL = "GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
+_REPLICA_POLL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
+_PRIMARY_POLL = "SELECT pg_current_wal_insert_lsn()::text"
+
+# Why a read went to the primary (a metrics label).
+NO_REPLICA = "no_replica"  # none in rotation
+BEHIND = "behind"  # none had replayed the read's position within the catch-up wait
+AHEAD = "ahead"  # a position ahead of the primary's own
+UNREADABLE = "unreadable"  # a token the service cannot read
+RAMP = "ramp"  # the replica meant for it is rejoining
+RETRY = "retry"  # its replica failed before it answered anything
+
+
+class ReplicaEvents(Protocol):
+    """What the replica set reports, for metrics; quick, never raising."""
+
+    def read_on(self, server: str) -> None:
+        """A read block ran on `server` (a replica's label, or "primary")."""
+
+    def fell_back(self, reason: str) -> None:
+        """A read went to the primary, for `reason`."""
+
+    def caught_up(self, waited_s: float, ok: bool) -> None:
+        """A read waited `waited_s` for a replica to catch up; `ok` when one did."""
+
+    def replica_state(self, label: str, up: bool, lag_bytes: int, lag_s: float) -> None:
+        """A replica's state after a poll."""
+
+    def retried(self, label: str) -> None:
+        """A read's first statement failed on replica `label` and ran once more elsewhere."""
+
+
+@dataclass
+class Replica:
+    """One streaming replica as this worker sees it: its pool and what its monitor last read."""
+
+    label: str
+    dsn: str
+    pool: Pool
+    replay: int = 0
+    up: bool = False
+    state: str = "joining"  # up, down, lagging, promoted, joining
+    lag_bytes: int = 0
+    lag_s: float = 0.0
+    up_since: float = 0.0  # time.monotonic() it last came into rotation
+    ever_up: bool = False
+
+    def weight(self, now: float) -> float:
+        """Its share of the reads meant for it: 1, or less while it rejoins."""
+        if now - self.up_since >= RAMP_S:
+            return 1.0
+        return max(RAMP_FLOOR, (now - self.up_since) / RAMP_S)
+
+    def report(self) -> dict:
+        return {
+            "state": self.state,
+            "lag_bytes": self.lag_bytes,
+            "lag_seconds": round(self.lag_s, 3),
+        }
+
+
+class ReplicaSet:
+    """The replicas of one worker, and the primary's position, kept fresh in the background.
+
+    `route(at_least)` names the server for a read that must see `at_least` (see the module
+    docstring); `failed(label)` takes a replica out until its next good poll. `start()` spawns
+    the monitors and warms the replicas' pools, `close()` stops them and closes the pools.
+    """
+
+    def __init__(
+        self,
+        primary: Pool,
+        replicas: list[tuple[str, str]],
+        *,
+        make_pool: Callable[[str], Pool],
+        poll_interval_s: float,
+        max_lag_s: float,
+        catch_up_s: float,
+        connect_timeout: float,
+        events: ReplicaEvents | None = None,
+    ) -> None:
+        self.primary = primary
+        self.replicas = [Replica(label, dsn, make_pool(dsn)) for label, dsn in replicas]
+        self._primary_dsn = primary.dsn
+        self._poll_interval_s = poll_interval_s
+        self._max_lag_s = max_lag_s
+        self._catch_up_s = catch_up_s
+        self._connect_timeout = min(connect_timeout, PROBE_DEADLINE_S)
+        self._events = events
+        self.primary_position = 0
+        self._history: deque[tuple[float, int]] = deque()
+        self._advanced = Event()  # set, and replaced, after every poll
+        self._wake = Event()  # set to make the monitors poll now
+        self._monitors: list[gevent.Greenlet] = []
+        self.closed = False
+
+    def start(self) -> None:
+        self._monitors = [gevent.spawn(self._monitor_primary)]
+        self._monitors += [gevent.spawn(self._monitor, replica) for replica in self.replicas]
+        for replica in self.replicas:
+            gevent.spawn(replica.pool.warm)
+
+    def close(self) -> None:
+        self.closed = True
+        gevent.killall(self._monitors, block=False)
+        for replica in self.replicas:
+            replica.pool.close()
+
+    def replica(self, label: str) -> Replica | None:
+        return next((r for r in self.replicas if r.label == label), None)
+
+    def route(self, at_least: int, exclude: str | None = None) -> tuple[Pool, str, str | None]:
+        """The pool for a read that must see `at_least`, its server's label, and why it is the
+        primary's (None for a replica). Waits up to the catch-up wait for a replica to replay
+        `at_least`; never does I/O itself."""
+        if at_least >= ON_PRIMARY:
+            return self.fell_back(UNREADABLE)
+        if at_least > self.primary_position + AHEAD_SLACK_BYTES and self.primary_position:
+            return self.fell_back(AHEAD)
+        found = self._choose(at_least, exclude)
+        if found is None and any(r.up for r in self.replicas if r.label != exclude):
+            waited = time.monotonic()
+            until = waited + self._catch_up_s
+            self._wake.set()
+            while found is None and (left := until - time.monotonic()) > 0:
+                self._advanced.wait(left)
+                found = self._choose(at_least, exclude)
+            if self._events is not None:
+                self._events.caught_up(time.monotonic() - waited, found is not None)
+            if found is None:
+                return self.fell_back(BEHIND)
+        if found is None:
+            return self.fell_back(NO_REPLICA)
+        if random.random() > found.weight(time.monotonic()):
+            return self.fell_back(RAMP)
+        return found.pool, found.label, None
+
+    def _choose(self, at_least: int, exclude: str | None) -> Replica | None:
+        eligible = [
+            r for r in self.replicas if r.up and r.replay >= at_least and r.label != exclude
+        ]
+        return random.choice(eligible) if eligible else None
+
+    def fell_back(self, reason: str) -> tuple[Pool, str, str]:
+        """The primary, for a read that goes there for `reason` (counted)."""
+        if self._events is not None:
+            self._events.fell_back(reason)
+        return self.primary, PRIMARY, reason
+
+    def retried(self, label: str) -> None:
+        """A read's first statement failed on replica `label` and runs once more elsewhere."""
+        if self._events is not None:
+            self._events.retried(label)
+
+    def failed(self, label: str) -> None:
+        """A request found `label` broken: out of rotation until its monitor's next good poll."""
+        replica = self.replica(label)
+        if replica is not None and replica.up:
+            replica.up = False
+            replica.state = "down"
+            self._wake.set()
+
+    # The monitors: one greenlet per server, each with a connection of its own.
+
+    def _monitor(self, replica: Replica) -> None:
+        conn = None
+        while not self.closed:
+            try:
+                conn = conn if conn is not None and not conn.closed else self._connect(replica.dsn)
+                with deadline(PROBE_DEADLINE_S, _NoAnswer), conn.cursor() as cur:
+                    cur.execute(_REPLICA_POLL)
+                    in_recovery, replay = cur.fetchone()
+            except (psycopg2.Error, _NoAnswer):
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self._update(replica, None, None)
+            else:
+                self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
+            self._tick()
+        if conn is not None:
+            conn.close()
+
+    def _monitor_primary(self) -> None:
+        conn = None
+        while not self.closed:
+            try:
+                conn = conn if conn is not None and not conn.closed else self._connect(None)
+                with deadline(PROBE_DEADLINE_S, _NoAnswer), conn.cursor() as cur:
+                    cur.execute(_PRIMARY_POLL)
+                    (position,) = cur.fetchone()
+            except (psycopg2.Error, _NoAnswer):
+                if conn is not None:
+                    conn.close()
+                conn = None
+            else:
+                now = time.monotonic()
+                self.primary_position = parse_lsn(position)
+                if not self._history or self._history[-1][1] != self.primary_position:
+                    self._history.append((now, self.primary_position))
+                while self._history and self._history[0][0] < now - HISTORY_S:
+                    self._history.popleft()
+            self._tick()
+        if conn is not None:
+            conn.close()
+
+    def _connect(self, dsn: str | None) -> psycopg2.extensions.connection:
+        conn = connect(
+            dsn if dsn is not None else self._primary_dsn,
+            self._connect_timeout,
+            application_name="service-monitor",
+        )
+        conn.autocommit = True
+        return conn
+
+    def _tick(self) -> None:
+        """Tell waiting reads that positions moved, then sleep until the next poll (or a wake)."""
+        advanced, self._advanced = self._advanced, Event()
+        advanced.set()
+        self._wake.clear()
+        self._wake.wait(self._poll_interval_s * random.uniform(0.9, 1.1))
+
+    def _update(self, replica: Replica, in_recovery: bool | None, replay: int | None) -> None:
+        now = time.monotonic()
+        if in_recovery is None:
+            state = "down"
+        elif not in_recovery:
+            state = "promoted"
+        else:
+            replica.replay = replay or 0
+            replica.lag_bytes = max(0, self.primary_position - replica.replay)
+            replica.lag_s = self._lag_s(replica.replay, now)
+            state = "lagging" if replica.lag_s > self._max_lag_s else "up"
+        up = state == "up"
+        if up and not replica.up:
+            # The first time in is not a return: every worker starts at once anyway.
+            replica.up_since = now if replica.ever_up else now - RAMP_S
+            replica.ever_up = True
+        if state != replica.state:
+            log.info("replica %s: %s", replica.label, state)
+        replica.up, replica.state = up, state
+        if self._events is not None:
+            self._events.replica_state(replica.label, up, replica.lag_bytes, replica.lag_s)
+
+    def _lag_s(self, replay: int, now: float) -> float:
+        """Since when the primary has been past `replay`: 0 when it is not."""
+        for seen_at, position in self._history:
+            if position > replay:
+                return now - seen_at
+        return 0.0
+
+    def report(self) -> dict[str, dict]:
+        return {r.label: r.report() for r in self.replicas}
+
+
+class ReadCursor:
+    """The cursor of a read-only block (`get_db(read_only=True)`) while replicas are configured:
+    a `Cursor` on the server `ReplicaSet.route` names, which may change before the block's
+    first statement has answered, never after.
+
+    Before that first statement, the position the read must see is asked again (a batch
+    takes in lookups until its query is sent): on a replica that has not replayed it, the
+    block moves to another server. A first statement that fails on a replica with the
+    connection (`DatabaseUnavailable`) or in a conflict with recovery (`TransactionConflict`)
+    runs once more elsewhere, the replica taken out of rotation in the first case; so does a
+    replica whose connection cannot be had. After the first answer, errors are the block's.
+    Every other attribute is the current cursor's.
+    """
+
+    def __init__(self, replicas: ReplicaSet, timeout: float | None, at_least: Callable[[], int]):
+        self._replicas = replicas
+        self._timeout = timeout
+        self._at_least = at_least
+        self._stack = ExitStack()
+        self._cursor: Cursor | None = None
+        self._answered = False
+        self.server = PRIMARY
+        self._open(at_least(), None)
+
+    @property
+    def position(self) -> int | None:
+        return self._cursor.position if self._cursor is not None else None
+
+    def _open(self, at_least: int, exclude: str | None) -> None:
+        pool, label, _ = self._replicas.route(at_least, exclude)
+        if label != PRIMARY:
+            try:
+                self._enter(pool, label, REPLICA_POSITION_SQL)
+                return
+            except DatabaseUnavailable:
+                self._replicas.failed(label)
+                pool, label, _ = self._replicas.fell_back(RETRY)
+        self._enter(pool, label, PRIMARY_POSITION_SQL)
+
+    def _enter(self, pool: Pool, label: str, position_sql: str) -> None:
+        self._stack = ExitStack()
+        self._cursor = self._stack.enter_context(pool.connection(self._timeout, True, position_sql))
+        self.server = label
+
+    def _move(self, at_least: int, exc: BaseException | None) -> None:
+        """Give the current connection back (with `exc`, if it failed) and open another."""
+        left = self.server
+        # The pool hands back the failed connection, raising its error translated: the error
+        # this move is already answering.
+        with suppress(psycopg2.Error, DatabaseUnavailable, TransactionConflict):
+            self._stack.__exit__(
+                type(exc) if exc else None, exc, exc.__traceback__ if exc else None
+            )
+        self._open(at_least, left)
+
+    def execute(self, query, vars=None):
+        if self._answered:
+            return self._cursor.execute(query, vars)
+        at_least = self._at_least()
+        replica = self._replicas.replica(self.server)
+        if replica is not None and replica.replay < at_least:
+            self._move(at_least, None)
+        try:
+            result = self._cursor.execute(query, vars)
+        except (psycopg2.Error, DatabaseUnavailable) as exc:
+            ours = translate(exc) if isinstance(exc, psycopg2.Error) else exc
+            if self.server == PRIMARY or not isinstance(
+                ours, (DatabaseUnavailable, TransactionConflict)
+            ):
+                raise
+            if isinstance(ours, DatabaseUnavailable):
+                self._replicas.failed(self.server)
+            self._replicas.retried(self.server)
+            self._move(at_least, exc)
+            result = self._cursor.execute(query, vars)
+        self._answered = True
+        return result
+
+    def close(self, exc: BaseException | None) -> None:
+        """End the block: read the position, give the connection back; or, with `exc`, hand it
+        the error. Raises what the pool raises.
+
+        A replica lost after the block's answers and before its position was read (killed in
+        between) leaves the rotation, and the position is the primary's: no replica has
+        replayed more than the primary has written."""
+        if exc is not None:
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            return
+        try:
+            self._stack.__exit__(None, None, None)
+        except DatabaseUnavailable:
+            if self.server == PRIMARY:
+                raise
+            self._replicas.failed(self.server)
+            with self._replicas.primary.connection(
+                self._timeout, True, PRIMARY_POSITION_SQL
+            ) as primary:
+                pass
+            self._cursor = primary
+
+    def __getattr__(self, name: str):
+        return getattr(self._cursor, name)
+
+    def __iter__(self):
+        return iter(self._cursor)
+
+
+class _NoAnswer(Exception):
+    """A poll got no answer in time."""
