@@ -86,7 +86,7 @@ def open_pool(app: Flask) -> Pool:
     if settings.database_replica_urls:
         replicas = ReplicaSet(
             pool,
-            [(_label(url), url) for url in settings.database_replica_urls],
+            list(settings.database_replica_urls),
             make_pool=lambda url: _pool(app, url, replica=True),
             poll_interval_s=settings.replica_poll_interval_s,
             max_lag_s=settings.replica_max_lag_s,
@@ -117,14 +117,6 @@ def _pool(app: Flask, dsn: str, replica: bool = False) -> Pool:
         client_gone=app.extensions.get(CLIENT_GONE),
         application_name="service-replica" if replica else "service",
     )
-
-
-def _label(url: str) -> str:
-    """A replica's name in /readyz, /metrics and the log: its host and port, no password."""
-    import psycopg2.extensions
-
-    params = psycopg2.extensions.parse_dsn(url)
-    return f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"
 
 
 def close_pool(app: Flask) -> None:

@@ -31,8 +31,10 @@ rotation, and a rejoining replica's ramp.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +66,9 @@ ON_PRIMARY = 1 << 64
 AHEAD_SLACK_BYTES = 64 << 20
 # How long the primary's positions are kept, to tell a replica's lag in seconds.
 HISTORY_S = 120.0
+# How often each worker resolves the replicas' host names again (a headless service's members
+# come and go).
+RESOLVE_EVERY_S = 10.0
 
 PRIMARY = "primary"
 PRIMARY_POSITION_SQL = "pg_current_wal_insert_lsn()"
@@ -78,6 +83,37 @@ AHEAD = "ahead"  # a position ahead of the primary's own
 UNREADABLE = "unreadable"  # a token the service cannot read
 RAMP = "ramp"  # the replica meant for it is rejoining
 RETRY = "retry"  # its replica failed before it answered anything
+
+
+def resolve_url(url: str) -> list[tuple[str, str]]:
+    """The replicas a URL names, as (label, DSN): one per address its host name resolves to
+    (a Kubernetes headless service names every ready replica), each DSN connecting to that
+    address (libpq's `hostaddr`) and keeping the name as `host` (for TLS and the password
+    file). A URL whose host is an address, a socket folder or a list of hosts (libpq's
+    failover syntax) is one replica. Raises OSError when the name does not resolve."""
+    params = psycopg2.extensions.parse_dsn(url)
+    host, port = params.get("host", ""), params.get("port", "5432")
+    if not host or "," in host or host.startswith("/") or "hostaddr" in params or _is_ip(host):
+        return [(f"{host or 'localhost'}:{port}", url)]
+    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    addresses = sorted({info[4][0] for info in infos})
+    return [
+        (f"{host}/{address}:{port}", psycopg2.extensions.make_dsn(url, hostaddr=address))
+        for address in addresses
+    ]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _host(url: str) -> str:
+    params = psycopg2.extensions.parse_dsn(url)
+    return f"{params.get('host', 'localhost')}:{params.get('port', '5432')}"
 
 
 class ReplicaEvents(Protocol):
@@ -113,6 +149,8 @@ class Replica:
     lag_s: float = 0.0
     up_since: float = 0.0  # time.monotonic() it last came into rotation
     ever_up: bool = False
+    removed: bool = False  # its address no longer resolves, or the set is closed
+    monitor: gevent.Greenlet | None = None
 
     def weight(self, now: float) -> float:
         """Its share of the reads meant for it: 1, or less while it rejoins."""
@@ -139,7 +177,7 @@ class ReplicaSet:
     def __init__(
         self,
         primary: Pool,
-        replicas: list[tuple[str, str]],
+        urls: list[str],
         *,
         make_pool: Callable[[str], Pool],
         poll_interval_s: float,
@@ -147,9 +185,14 @@ class ReplicaSet:
         catch_up_s: float,
         connect_timeout: float,
         events: ReplicaEvents | None = None,
+        resolve: Callable[[str], list[tuple[str, str]]] | None = None,
     ) -> None:
         self.primary = primary
-        self.replicas = [Replica(label, dsn, make_pool(dsn)) for label, dsn in replicas]
+        self.replicas: list[Replica] = []  # replaced whole, never changed in place
+        self._urls = urls
+        self._members: dict[str, list[str]] = {url: [] for url in urls}  # the labels of each
+        self._make_pool = make_pool
+        self._resolve = resolve or resolve_url
         self._primary_dsn = primary.dsn
         self._poll_interval_s = poll_interval_s
         self._max_lag_s = max_lag_s
@@ -160,20 +203,63 @@ class ReplicaSet:
         self._history: deque[tuple[float, int]] = deque()
         self._advanced = Event()  # set, and replaced, after every poll
         self._wake = Event()  # set to make the monitors poll now
-        self._monitors: list[gevent.Greenlet] = []
+        self._greenlets: list[gevent.Greenlet] = []
         self.closed = False
 
     def start(self) -> None:
-        self._monitors = [gevent.spawn(self._monitor_primary)]
-        self._monitors += [gevent.spawn(self._monitor, replica) for replica in self.replicas]
-        for replica in self.replicas:
-            gevent.spawn(replica.pool.warm)
+        """Resolve the URLs, start a monitor for the primary and for each replica, warm the
+        replicas' pools (in the background), and re-resolve every `RESOLVE_EVERY_S`."""
+        self.refresh()
+        self._greenlets += [gevent.spawn(self._monitor_primary), gevent.spawn(self._resolver)]
 
     def close(self) -> None:
         self.closed = True
-        gevent.killall(self._monitors, block=False)
+        gevent.killall(self._greenlets, block=False)
         for replica in self.replicas:
+            replica.removed = True
+            if replica.monitor is not None:
+                replica.monitor.kill(block=False)
             replica.pool.close()
+
+    def refresh(self) -> None:
+        """Resolve every URL again: an address that appeared becomes a replica, one that went
+        away stops being one (its pool closed, its lent connections closed as they come back).
+        A URL that does not resolve now keeps the replicas it had."""
+        wanted: dict[str, str] = {}
+        for url in self._urls:
+            try:
+                found = self._resolve(url)
+            except OSError as exc:
+                log.warning("replica %s does not resolve now: %s", _host(url), exc)
+                current = {r.label: r.dsn for r in self.replicas}
+                found = [(label, current[label]) for label in self._members[url]]
+            self._members[url] = [label for label, _ in found]
+            wanted.update(found)
+        have = {r.label: r for r in self.replicas}
+        kept = [r for r in self.replicas if r.label in wanted]
+        added = [
+            Replica(label, dsn, self._make_pool(dsn))
+            for label, dsn in wanted.items()
+            if label not in have
+        ]
+        for replica in added:
+            replica.monitor = gevent.spawn(self._monitor, replica)
+            gevent.spawn(replica.pool.warm)
+            log.info("replica %s: added", replica.label)
+        for replica in self.replicas:
+            if replica.label not in wanted:
+                replica.removed = True
+                replica.up = False
+                if replica.monitor is not None:
+                    replica.monitor.kill(block=False)
+                replica.pool.close()
+                log.info("replica %s: removed, its address no longer resolves", replica.label)
+        self.replicas = kept + added
+
+    def _resolver(self) -> None:
+        while not self.closed:
+            gevent.sleep(RESOLVE_EVERY_S)
+            self.refresh()
 
     def replica(self, label: str) -> Replica | None:
         return next((r for r in self.replicas if r.label == label), None)
@@ -233,7 +319,7 @@ class ReplicaSet:
 
     def _monitor(self, replica: Replica) -> None:
         conn = None
-        while not self.closed:
+        while not self.closed and not replica.removed:
             try:
                 conn = conn if conn is not None and not conn.closed else self._connect(replica.dsn)
                 with deadline(PROBE_DEADLINE_S, _NoAnswer), conn.cursor() as cur:

@@ -1,0 +1,165 @@
+"""The replica set inside one worker, against real streaming replicas: a read cancelled by a
+conflict with recovery runs again elsewhere, and a host name is as many replicas as it has
+addresses, resolved again while running."""
+
+from __future__ import annotations
+
+import secrets
+
+import gevent
+import pgutil
+import psycopg2.extensions
+import pytest
+from gunicorn_proc import wait_until
+
+from config import load_settings
+from service import db
+from service.app import create_app
+from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
+
+pytestmark = pytest.mark.replicas
+
+
+class Events:
+    """The replica set's reports, kept."""
+
+    def __init__(self):
+        self.retries: list[str] = []
+        self.fallbacks: list[str] = []
+
+    def read_on(self, server):
+        pass
+
+    def fell_back(self, reason):
+        self.fallbacks.append(reason)
+
+    def caught_up(self, waited_s, ok):
+        pass
+
+    def replica_state(self, label, up, lag_bytes, lag_s):
+        pass
+
+    def retried(self, label):
+        self.retries.append(label)
+
+
+def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_server(replicated):
+    """With max_standby_streaming_delay 0, a VACUUM on the primary cancels (SQLSTATE 40001) a
+    replica's query that still reads the rows it removed: the block never sees it."""
+    replica = replicated.primary.start_replica({"max_standby_streaming_delay": "0"})
+    table = f"doomed_{secrets.token_hex(4)}"
+    app = create_app(
+        load_settings(
+            {
+                "DATABASE_URL": replicated.database_url,
+                "DATABASE_REPLICA_URLS": replica.dsn(replicated.dbname),
+                "WEB_CONCURRENCY": "1",
+                "DB_POOL_MAX": "3",
+            }
+        )
+    )
+    try:
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute(f"CREATE TABLE {table} AS SELECT generate_series(1, 1000) AS i")
+        replica.catch_up()
+        db.open_pool(app)
+        replicas = app.extensions[db.REPLICAS]
+        wait_until(lambda: replicas.replicas[0].up, 10, "the replica in rotation")
+
+        def read():
+            with app.app_context(), db.get_db(read_only=True) as cur:
+                cur.execute(f"SELECT count(*) AS n, pg_sleep(2) FROM {table}")
+                return cur.server, cur.fetchone()["n"]
+
+        reading = gevent.spawn(read)
+        with pgutil.autocommit(replica.dsn(replicated.dbname)) as cur:
+            wait_until(
+                lambda: any("pg_sleep" in (b["query"] or "") for b in pgutil.backends(cur)),
+                5,
+                "the read running on the replica",
+            )
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute(f"DELETE FROM {table}")
+            cur.execute(f"VACUUM {table}")
+        server, count = reading.get(timeout=10)
+        assert server == PRIMARY  # ran again there: the only other server
+        assert count == 0  # the primary's rows, after the delete
+    finally:
+        db.close_pool(app)
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+        replica.stop()
+
+
+def test_a_url_whose_host_is_an_address_or_a_list_is_one_replica():
+    url = "postgresql://u:p@127.0.0.1:5433/db"
+    assert resolve_url(url) == [("127.0.0.1:5433", url)]
+    several = "postgresql://u:p@a:1,b:2/db"
+    assert resolve_url(several) == [("a,b:1,2", several)]
+
+
+def test_a_host_name_becomes_one_replica_per_address_it_resolves_to():
+    [(label, dsn)] = resolve_url("postgresql://u:p@localhost:5433/db")
+    assert label == "localhost/127.0.0.1:5433"
+    params = psycopg2.extensions.parse_dsn(dsn)
+    assert (params["host"], params["hostaddr"], params["port"]) == (
+        "localhost",
+        "127.0.0.1",
+        "5433",
+    )
+
+
+def test_a_name_that_does_not_resolve_raises_oserror():
+    with pytest.raises(OSError):
+        resolve_url("postgresql://u:p@no-such-host.invalid:5432/db")
+
+
+def test_replicas_come_and_go_as_their_name_resolves_again(replicated, make_pool):
+    """A name resolving first to one replica, then to both, then to the other: each address
+    that appears is monitored and read from, each that goes away is dropped, and a name that
+    stops resolving keeps what it had."""
+    first, second = ((f"127.0.0.1:{r.port}", r.dsn(replicated.dbname)) for r in replicated.replicas)
+    steps = [
+        ([first], [first[0]]),
+        ([first, second], [first[0], second[0]]),
+        ([second], [second[0]]),
+        (OSError("no answer from DNS"), [second[0]]),
+    ]
+    answer: list = [steps[0][0]]
+
+    def resolve(url):
+        if isinstance(answer[0], OSError):
+            raise answer[0]
+        return answer[0]
+
+    replicas = ReplicaSet(
+        make_pool(replicated.database_url),
+        ["postgresql://replicas.test/db"],
+        make_pool=make_pool,
+        poll_interval_s=0.02,
+        max_lag_s=10,
+        catch_up_s=0.1,
+        connect_timeout=5,
+        events=Events(),
+        resolve=resolve,
+    )
+    replicas.start()
+    try:
+        for resolved, expected in steps:
+            answer[0] = resolved
+            replicas.refresh()
+            assert sorted(r.label for r in replicas.replicas) == sorted(expected)
+            wait_until(lambda: all(r.up for r in replicas.replicas), 10, f"{expected} up")
+            pool, label, reason = replicas.route(0)
+            assert label in expected and reason is None
+            with pool.connection(autocommit=True) as cur:
+                cur.execute("SELECT pg_is_in_recovery() AS standby")
+                assert cur.fetchone()["standby"]
+    finally:
+        replicas.close()
+    assert all(r.removed for r in replicas.replicas)
+    wait_until(
+        lambda: all(r.monitor is None or r.monitor.dead for r in replicas.replicas),
+        5,
+        "the monitors to end after close()",
+    )
