@@ -23,6 +23,8 @@ REPLICAS = 3
 POOL_SIZE = 10  # deploy/compose/pgbouncer.ini's default_pool_size
 HEALTHY_WITHIN_S = 120.0
 
+pytestmark = pytest.mark.container
+
 
 @dataclass
 class Stack:

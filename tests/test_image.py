@@ -22,6 +22,8 @@ from deploy.localdocker import docker
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEALTHY_WITHIN_S = 60.0  # start period 30 s, checks every 10 s
 
+pytestmark = pytest.mark.container
+
 
 @pytest.fixture(scope="session")
 def image(docker_engine, request):

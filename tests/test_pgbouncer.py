@@ -44,6 +44,8 @@ INSTANCE_ENV = {
     "DB_STATEMENT_TIMEOUT_MS": str(STATEMENT_TIMEOUT_MS),
 }
 
+pytestmark = pytest.mark.pgbouncer
+
 
 @pytest.fixture(scope="module")
 def server_database(database_url):
