@@ -1,7 +1,10 @@
 # Two commands do all set-up on a fresh machine:
 #   make run   serve through the production command (a throwaway PostgreSQL when DATABASE_URL is unset;
 #              make run REPLICAS=2 gives it 2 streaming replicas, in DATABASE_REPLICA_URLS)
-#   make test  run the test suite against a throwaway PostgreSQL (or TEST_DATABASE_URL)
+#   make test  the system packages the suite needs, then the suite against a throwaway PostgreSQL
+#              (or TEST_DATABASE_URL)
+# and, while working on the code:
+#   make test-quick  the suite but for the tests needing Docker or PgBouncer: no root needed
 # and, for performance work:
 #   make bench the service against its peers, route by route: bench/RESULTS.md and results.png
 # and, for containers:
@@ -11,7 +14,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench format clean lock up down
+.PHONY: run test test-quick system-packages system-packages-quick bench format clean lock up down
 
 # The virtualenv holds exactly the locked versions (requirements-dev.lock: the service's
 # requirements.lock and the tools), each checked against its hash; it is rebuilt whenever a
@@ -35,10 +38,25 @@ REPLICAS ?= 0
 run: $(BIN)/.installed
 	$(BIN)/python -m deploy.localpg --replicas $(REPLICAS) -- $(BIN)/gunicorn -c gunicorn.conf.py
 
-test: $(BIN)/.installed
+# The system packages the tests need come first (tests/system-packages): installed from
+# Debian as root, else named in one line on which the run stops, before the virtualenv is made.
+# The quick loop leaves out the tests that need Docker (image, Compose) or PgBouncer, and so
+# needs only PostgreSQL.
+test: system-packages $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+test-quick: system-packages-quick $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "not container and not pgbouncer"
+
+system-packages:
+	@tests/system-packages
+
+system-packages-quick:
+	@tests/system-packages --quick
 
 # make bench   the service against Flask + psycopg 3 (gthread and gevent) and Starlette + asyncpg
 #              with the mix and each route alone, and issue 4's variants (a connection per

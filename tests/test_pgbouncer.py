@@ -11,8 +11,9 @@ their one-statement requests end at it too. Without that, a transaction block se
 LOCAL, and a statement in autocommit runs as it would against the server directly: VACUUM and
 CREATE INDEX CONCURRENTLY work through PgBouncer.
 
-PgBouncer is a requirement of the suite (`.ci/run` installs it): without it these tests fail,
-they do not skip.
+PgBouncer is a requirement of the suite (`make test` installs it, tests/system-packages):
+without it these tests fail, they do not skip. `make test-quick` leaves them out (marker
+`pgbouncer`).
 """
 
 import time
