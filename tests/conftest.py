@@ -16,6 +16,7 @@ patch_psycopg()
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import secrets  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -33,6 +34,19 @@ from service.app import create_app  # noqa: E402
 from service.db import schema  # noqa: E402
 from service.db.pool import Pool  # noqa: E402
 from service.observability.logs import JsonFormatter  # noqa: E402
+
+OPEN_FILES = 8192  # above the storms' 2,000 sockets in one process, with room for the rest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _open_files():
+    """The storms of tests/test_faults.py hold 2,000 sockets at once in this process and in a
+    gunicorn it starts (which inherits its limits), where a login's soft limit on open files is
+    often 1024, the hard one far above: the soft limit is raised to OPEN_FILES, within the hard
+    one, for the session."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
 
 
 @pytest.fixture(scope="session")
