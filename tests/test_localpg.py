@@ -143,15 +143,15 @@ def test_with_database_url_replicas_are_refused_and_the_command_does_not_run(tmp
 
 
 # Tells which signal ended it: exit 0 and "got SIGTERM" for gunicorn's graceful stop, exit 1
-# and "got SIGINT" for its quick one.
+# and "got SIGINT" for its quick one. The handler writes with os.write: the signal may come
+# while print('ready') still holds stdout's buffer, and a print there would be a reentrant call.
 REPORT_SIGNAL = (
-    "import signal, sys\n"
+    "import os, signal, sys\n"
     "def stop(sig, _):\n"
-    "    print('got', signal.Signals(sig).name, flush=True)\n"
+    "    os.write(1, f'got {signal.Signals(sig).name}\\n'.encode())\n"
     "    sys.exit(0 if sig == signal.SIGTERM else 1)\n"
     "signal.signal(signal.SIGINT, stop)\n"
     "signal.signal(signal.SIGTERM, stop)\n"
-    "import os\n"
     "print('ready', os.getpid(), flush=True)\n"
     "while True:\n"
     "    signal.pause()\n"
