@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
 from config import Settings, load_settings
 from service import db
@@ -62,9 +62,9 @@ def _read_whole_body() -> None:
     """Read the body here, once (cached for `get_json`), and refuse one that is not whole, so
     that a handler never sees a body cut short and the pool never sees a client still sending.
 
-    A body shorter than its Content-Length means the client hung up, or missed the body
-    deadline (service/server/connections.py): gunicorn hands the app what came, without a
-    word, so it is checked here (400, and nothing is stored). A body sent without
+    A body shorter than its Content-Length means the client hung up (400), or missed the body
+    deadline (408, service/server/connections.py): gunicorn hands the app what came, without a
+    word, so it is checked here, and nothing is stored. A body sent without
     Content-Length (chunked) that runs past the limit gets 413: werkzeug refuses a body only by
     its Content-Length, and reads one without up to the limit and stops there in silence (a
     JSON object followed by 1 MiB of spaces would be stored); so look for one byte more.
@@ -86,6 +86,8 @@ def _read_whole_body() -> None:
     body = request.get_data(cache=True)
     if request.content_length is not None:
         if len(body) < request.content_length:
+            if client.body_timed_out():
+                raise RequestTimeout("the request body did not arrive within HTTP_BODY_TIMEOUT")
             raise ClientDisconnected()
         return
     if len(body) < MAX_BODY_BYTES:

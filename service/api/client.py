@@ -32,6 +32,12 @@ def hung_up() -> bool:
     return closed(socket_of_request())
 
 
+def body_timed_out() -> bool:
+    """Whether the server stopped reading the request's body at its deadline (the socket's
+    `body_deadline_missed`, service/server/connections.py); False under another server."""
+    return getattr(socket_of_request(), "body_deadline_missed", False)
+
+
 def socket_of_request():
     """The client socket of the request in context, or None under a server that does not
     expose it (`gunicorn.socket`)."""

@@ -19,7 +19,9 @@ it has started a response, nor waits for the database before it has read the bod
 
 A connection that misses its deadline is shut down: gunicorn then sees what it sees when a
 client hangs up (end of input when reading, EPIPE when writing), and closes it without a log
-line of its own. The app sees a body cut short, which it refuses (service/app.py). The closes
+line of its own. One that misses its body deadline is shut down for reading only: the app sees
+a body cut short, which it refuses, and its answer (408, service/app.py) is still written,
+within the write deadline, before the connection closes. The closes
 are counted by reason in `/metrics` (`http_connections_closed_total`) and summed up in one log
 line per worker at most every `LOG_EVERY_S`.
 
@@ -249,9 +251,15 @@ class ClientSocket(gsocket.socket):
         self._waiting.discard(self)
         self._closes.closed(reason)
         # gevent wakes a greenlet waiting on the socket with an error, which _read() turns into
-        # end of input; the peer gets a FIN. OSError: already gone at the peer's end.
+        # end of input; the peer gets a FIN, but for a missed body: its answer is still to go.
+        # OSError: already gone at the peer's end.
         with contextlib.suppress(OSError):
-            self.shutdown(stdlib_socket.SHUT_RDWR)
+            self.shutdown(stdlib_socket.SHUT_RD if reason == BODY else stdlib_socket.SHUT_RDWR)
+
+    @property
+    def body_deadline_missed(self) -> bool:
+        """Whether the request body stopped coming at its deadline (HTTP_BODY_TIMEOUT)."""
+        return self._closed_by == BODY
 
     def recv(self, *args):
         return self._read(super().recv, args, b"")
@@ -326,7 +334,7 @@ class ClientSocket(gsocket.socket):
             discarded += len(data)
 
     def _send(self, data, flags):
-        if self._closed_by is None:
+        if self._closed_by is None or self._closed_by == BODY:
             remaining = self._deadline - time.monotonic()
             if remaining > 0:
                 self.settimeout(remaining)
