@@ -14,6 +14,7 @@ from gunicorn_proc import wait_until
 
 from config import load_settings
 from service import db
+from service.api import users
 from service.app import create_app
 from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
 
@@ -163,3 +164,58 @@ def test_replicas_come_and_go_as_their_name_resolves_again(replicated, make_pool
         5,
         "the monitors to end after close()",
     )
+
+
+def test_reads_on_a_replica_answer_what_the_primary_does_and_carry_their_position(replicated):
+    """The users API's reads, run on a replica with the position in their own statement
+    (service/api/users.py's `_read`), give the rows the same statements give on the primary:
+    pages of every shape, one page or several in one statement, empty ones, ids found and
+    not found."""
+    with pgutil.autocommit(replicated.database_url) as cur:
+        ids = pgutil.seed_users(cur, 30)
+    for replica in replicated.replicas:
+        replica.catch_up()
+    newest = max(ids)
+    shapes = [
+        [(newest, 5)],
+        [(0, 5)],  # empty
+        [(newest, 5), (newest - 10, 3), (0, 4), (2**63 - 1, 2)],
+        [(newest, 30), (newest, 31)],
+    ]
+    lookups = [ids[:3], [ids[0], -1], [-1]]
+
+    def answers(env):
+        app = create_app(load_settings({"DATABASE_URL": replicated.database_url, **env}))
+        db.open_pool(app)
+        try:
+            if env:
+                replicas = app.extensions[db.REPLICAS]
+                wait_until(lambda: all(r.up for r in replicas.replicas), 10, "replicas up")
+            found = []
+            with app.app_context():
+                for pages in shapes + lookups:
+                    with db.get_db(read_only=True) as cur:
+                        if isinstance(pages[0], tuple):
+                            found.append(users._page_rows(cur, pages))
+                        else:
+                            sql = "SELECT id, name, email, created_at FROM users WHERE id = ANY(%s)"
+                            found.append(sorted(users._read(cur, sql, (pages,)), key=str))
+                    found.append(getattr(cur, "server", None))
+                    if env:
+                        assert cur.position is not None
+            return found
+        finally:
+            db.close_pool(app)
+
+    on_primary = answers({})
+    on_replicas = answers(
+        {"DATABASE_REPLICA_URLS": " ".join(replicated.replica_urls), "REPLICA_CATCH_UP_S": "5"}
+    )
+    assert [a for a in on_replicas if not isinstance(a, str)] == [
+        a for a in on_primary if a is not None
+    ]
+    assert {a for a in on_replicas if isinstance(a, str)} <= {
+        f"127.0.0.1:{r.port}" for r in replicated.replicas
+    }
+    with pgutil.autocommit(replicated.database_url) as cur:
+        cur.execute("DELETE FROM users WHERE id = ANY(%s)", (ids,))

@@ -27,7 +27,7 @@ from service.db.errors import (
 from service.db.pool import Cursor, Pool, PoolEvents
 from service.db.replicas import (
     ON_PRIMARY,
-    PRIMARY_POSITION_SQL,
+    POSITION_SQL,
     ReadCursor,
     ReplicaEvents,
     ReplicaSet,
@@ -172,7 +172,9 @@ def get_db(
 
     With replicas, every block ends by reading the position it wrote (on the primary) or could
     have seen, one round trip more, into the cursor's `position`, and tells it to
-    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much.
+    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much. A
+    read-only block may save that round trip: its cursor's `position_sql`, read in one of its
+    statements after that statement's snapshot and set as `position`, is taken instead.
     """
     replicas = current_replicas()
     if replicas is None:
@@ -201,7 +203,7 @@ def _read(
 
 @contextmanager
 def _write(pool: Pool, timeout: float | None, autocommit: bool) -> Iterator[Cursor]:
-    with pool.connection(timeout, autocommit, PRIMARY_POSITION_SQL) as cursor:
+    with pool.connection(timeout, autocommit, POSITION_SQL) as cursor:
         yield cursor
     seen(cursor.position)
 

@@ -71,8 +71,14 @@ HISTORY_S = 120.0
 RESOLVE_EVERY_S = 10.0
 
 PRIMARY = "primary"
-PRIMARY_POSITION_SQL = "pg_current_wal_insert_lsn()"
-REPLICA_POSITION_SQL = "GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
+# What a block wrote or could have seen, on either kind of server: on a replica the WAL it has
+# received (never less than it replayed, and so than any snapshot it gave), on the primary its
+# insert position (the end of every commit record, visible or not yet).
+POSITION_SQL = (
+    "CASE WHEN pg_is_in_recovery()"
+    " THEN GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
+    " ELSE pg_current_wal_insert_lsn() END"
+)
 _REPLICA_POLL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
 _PRIMARY_POLL = "SELECT pg_current_wal_insert_lsn()::text"
 
@@ -432,24 +438,32 @@ class ReadCursor:
         self.server = PRIMARY
         self._open(at_least(), None)
 
+    # The position expression, for a block that reads its position in one of its own
+    # statements (after that statement's snapshot) and sets `position`: no round trip more.
+    position_sql = POSITION_SQL
+
     @property
     def position(self) -> int | None:
         return self._cursor.position if self._cursor is not None else None
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._cursor.position = value
 
     def _open(self, at_least: int, exclude: str | None) -> None:
         pool, label, _ = self._replicas.route(at_least, exclude)
         if label != PRIMARY:
             try:
-                self._enter(pool, label, REPLICA_POSITION_SQL)
+                self._enter(pool, label)
                 return
             except DatabaseUnavailable:
                 self._replicas.failed(label)
                 pool, label, _ = self._replicas.fell_back(RETRY)
-        self._enter(pool, label, PRIMARY_POSITION_SQL)
+        self._enter(pool, label)
 
-    def _enter(self, pool: Pool, label: str, position_sql: str) -> None:
+    def _enter(self, pool: Pool, label: str) -> None:
         self._stack = ExitStack()
-        self._cursor = self._stack.enter_context(pool.connection(self._timeout, True, position_sql))
+        self._cursor = self._stack.enter_context(pool.connection(self._timeout, True, POSITION_SQL))
         self.server = label
 
     def _move(self, at_least: int, exc: BaseException | None) -> None:
@@ -502,9 +516,7 @@ class ReadCursor:
             if self.server == PRIMARY:
                 raise
             self._replicas.failed(self.server)
-            with self._replicas.primary.connection(
-                self._timeout, True, PRIMARY_POSITION_SQL
-            ) as primary:
+            with self._replicas.primary.connection(self._timeout, True, POSITION_SQL) as primary:
                 pass
             self._cursor = primary
 
