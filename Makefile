@@ -8,13 +8,15 @@
 # and, for performance work:
 #   make bench the service against its peers, route by route: bench/RESULTS.md and results.png
 # and, for containers:
-#   make up    PostgreSQL, PgBouncer and 3 replicas of the service (compose.yaml); make down
+#   make up    HAProxy in front of 3 instances of the service, PgBouncer, PostgreSQL and a streaming
+#              replica (compose.yaml), on one URL; make roll replaces the instances one at a time
+#              with no request lost; make down
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-quick system-packages system-packages-quick bench format clean lock up down
+.PHONY: run test test-quick system-packages system-packages-quick bench format clean lock up roll down
 
 # The virtualenv holds exactly the locked versions (requirements-dev.lock: the service's
 # requirements.lock and the tools), each checked against its hash; it is rebuilt whenever a
@@ -81,12 +83,20 @@ bench: $(BIN)/.bench-installed
 	    fi; }
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-# make up    PostgreSQL, PgBouncer and 3 replicas of the service in containers (compose.yaml),
-#            on a Docker engine started when none answers; make down removes them.
+# make up    HAProxy, the stack's one entry point on 127.0.0.1, in front of 3 instances of the
+#            service, which write through PgBouncer to PostgreSQL and read on its streaming
+#            replica (compose.yaml), on a Docker engine started when none answers; it prints the
+#            URL. make down removes the containers.
+# make roll  rebuilds the service's image and replaces its instances one at a time, each new one
+#            in the balancer's rotation before an old one drains and stops (deploy/rolling.py).
 up: $(BIN)/.installed
 	$(BIN)/python -m deploy.localdocker
 	docker-compose -f compose.yaml up -d --build --scale app=3
-	@for i in 1 2 3; do echo "replica $$i: http://$$(docker-compose -f compose.yaml port --index=$$i app 8000)"; done
+	@echo "the service: http://$$(docker-compose -f compose.yaml port lb 8080)"
+
+roll: $(BIN)/.installed
+	docker-compose -f compose.yaml build app
+	$(BIN)/python -m deploy.rolling
 
 down:
 	docker-compose -f compose.yaml down
