@@ -1,48 +1,47 @@
-"""compose.yaml with real containers: PostgreSQL, PgBouncer in transaction mode and three
-replicas of the service (`--scale app=3`), each published on a port of its own on 127.0.0.1.
+"""compose.yaml with real containers: HAProxy (`lb`), the stack's one entry point, in front of
+three instances of the service (`--scale app=3`), which write through PgBouncer in transaction
+mode to PostgreSQL (`db`) and read on its streaming replica (`db-replica`).
 
-The images are built from the repository (the service's Dockerfile, deploy/postgres and
-deploy/pgbouncer, on Debian's packages), so no registry is needed; the engine and the base come
-from the `docker_engine` fixture. The stack is a compose project of its own, taken down with
-its volume at the end.
+The images are built from the repository (the service's Dockerfile, deploy/postgres,
+deploy/pgbouncer and deploy/haproxy, on Debian's packages), so no registry is needed; the engine
+and the base come from the `docker_engine` fixture. The stack is a compose project of its own,
+built and started once for the module and taken down with its volumes at the end. Every
+request goes through the balancer on 127.0.0.1: the instances are not published.
 """
 
+import http.client
+import json
 import secrets
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import gevent
 import pytest
-from gunicorn_proc import request, wait_until
+from gevent.event import Event
+from gunicorn_proc import HOST, request, scrape_metrics, wait_until
+from loadgen import join_all
 
+from deploy import rolling
 from deploy.localdocker import docker
 
-REPO = Path(__file__).resolve().parent.parent
-REPLICAS = 3
+INSTANCES = 3
 POOL_SIZE = 10  # deploy/compose/pgbouncer.ini's default_pool_size
+REPLICA = "db-replica:5432"  # its label in /readyz and /metrics
 HEALTHY_WITHIN_S = 120.0
+ROLL_LOAD_CLIENTS = 20
+ROLL_LOAD_LIMIT_S = 90.0
 
 pytestmark = pytest.mark.container
 
 
-@dataclass
-class Stack:
-    project: str
-    ports: dict[str, int]  # app container id -> its port on 127.0.0.1
-
-    def compose(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["docker-compose", "-p", self.project, "-f", str(REPO / "compose.yaml"), *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        )
+@dataclass(frozen=True)
+class Stack(rolling.Stack):
+    port: int = 0  # the balancer's, on 127.0.0.1
 
     def server_connections(self) -> int:
-        """The app's connections PostgreSQL has open now, as its superuser sees them."""
+        """The app's connections the primary has open now, as its superuser sees them."""
         done = self.compose(
             "exec", "-T", "-e", "PGPASSWORD=compose-superuser-password", "db",
             "psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc",
@@ -53,27 +52,25 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(docker_engine):
-    stack = Stack(f"servicetest{secrets.token_hex(3)}", {})
+    stack = Stack(f"servicetest{secrets.token_hex(3)}")
     try:
-        stack.compose("up", "-d", "--build", "--scale", f"app={REPLICAS}", timeout=1500)
-        ids = stack.compose("ps", "-q", "app").stdout.split()
-        assert len(ids) == REPLICAS
+        stack.compose("up", "-d", "--build", "--scale", f"app={INSTANCES}", timeout=1500)
+        instances = stack.instances()
+        assert len(instances) == INSTANCES
         wait_until(
-            lambda: all(health(i) == "healthy" for i in ids),
+            lambda: all(stack.in_rotation(container) for container in instances),
             HEALTHY_WITHIN_S,
-            "every replica's HEALTHCHECK",
-            every=1.0,
+            "every instance in the balancer's rotation",
+            every=0.5,
         )
-        for container in ids:
-            published = docker("port", container, "8000/tcp").stdout.split()[0]
-            host, _, port = published.rpartition(":")
-            assert host == "127.0.0.1"
-            stack.ports[container] = int(port)
-        yield stack
+        published = stack.compose("port", "lb", "8080").stdout.strip()
+        host, _, port = published.rpartition(":")
+        assert host == HOST
+        yield replace(stack, port=int(port))
     finally:
         logs = subprocess.run(
-            ["docker-compose", "-p", stack.project, "-f", str(REPO / "compose.yaml"), "logs"],
-            cwd=REPO,
+            ["docker-compose", "-p", stack.project, "-f", str(stack.compose_file), "logs"],
+            cwd=stack.compose_file.parent,
             capture_output=True,
             text=True,
             timeout=60,
@@ -83,31 +80,53 @@ def stack(docker_engine):
         stack.compose("down", "--volumes", "--remove-orphans", timeout=120)
 
 
-def health(container: str) -> str:
-    return docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
+def header(reply, name: str) -> str | None:
+    return {key.lower(): value for key, value in reply.headers.items()}.get(name.lower())
 
 
-def test_three_replicas_serve_through_pgbouncer_within_the_connection_budget(stack):
-    ports = list(stack.ports.values())
+def test_a_write_through_the_balancer_is_read_back_with_its_token_on_the_replica(stack):
+    user = {"name": "through the balancer", "email": f"lb-{secrets.token_hex(4)}@example.com"}
+    created = request(stack.port, "POST", "/users", user)
+    assert created.status == 201, created.body
+    location, token = header(created, "Location"), header(created, "Consistency-Token")
+    assert token
+    with_token = {"Consistency-Token": token}
+    # Round robin: each instance reads it, wherever the write ran.
+    for _ in range(2 * INSTANCES):
+        read = request(stack.port, "GET", location, headers=with_token)
+        assert read.status == 200, read.body
+        assert read.json == created.json
+
+    def replica_up_on_every_instance() -> bool:
+        states = [request(stack.port, "GET", "/readyz").json for _ in range(INSTANCES)]
+        return all(s["replicas"][REPLICA]["state"] == "up" for s in states)
+
+    wait_until(replica_up_on_every_instance, 30, "every instance to see the replica up", every=0.5)
+
+    def read_on_the_replica() -> bool:
+        assert request(stack.port, "GET", location, headers=with_token).status == 200
+        samples = scrape_metrics(stack.port)
+        return samples.get(("db_reads_total", frozenset({("server", REPLICA)})), 0) > 0
+
+    wait_until(read_on_the_replica, 30, "a read on the replica", every=0.2)
+
+
+def test_instances_serve_through_pgbouncer_within_the_connection_budget(stack):
     tag = secrets.token_hex(4)
     created = []
-    for i, port in enumerate(ports):
-        user = {"name": f"replica {i}", "email": f"compose-{tag}-{i}@example.com"}
-        reply = request(port, "POST", "/users", user)
+    for i in range(INSTANCES):
+        user = {"name": f"instance {i}", "email": f"compose-{tag}-{i}@example.com"}
+        reply = request(stack.port, "POST", "/users", user)
         assert reply.status == 201, reply.body
-        created.append(reply.headers["Location"])
-    # Each replica reads what every other wrote: one database behind them all.
-    for port in ports:
-        for location in created:
-            assert request(port, "GET", location).status == 200
+        created.append(header(reply, "Location"))
 
-    # 30 clients at once on each replica: the pools hold up to 3 x 2 x 5 = 30 connections to
-    # PgBouncer, and the server sees PgBouncer's pool alone.
-    def client(port: int) -> list[int]:
-        return [request(port, "GET", created[0], timeout=20).status for _ in range(10)]
+    # 90 clients at once: the pools hold up to 3 x 2 x 5 = 30 connections to PgBouncer, and the
+    # primary sees PgBouncer's pool alone.
+    def client() -> list[int]:
+        return [request(stack.port, "GET", created[0], timeout=20).status for _ in range(10)]
 
     seen = []
-    clients = [gevent.spawn(client, port) for port in ports for _ in range(30)]
+    clients = [gevent.spawn(client) for _ in range(30 * INSTANCES)]
 
     def sample() -> bool:
         seen.append(stack.server_connections())
@@ -119,11 +138,103 @@ def test_three_replicas_serve_through_pgbouncer_within_the_connection_budget(sta
     assert 0 < max(seen) <= POOL_SIZE
 
 
-def test_one_replica_killed_leaves_the_others_serving(stack):
-    victim, *others = stack.ports
+@dataclass
+class Tally:
+    """What one keep-alive client saw: the statuses, the errors (no response at all), and how
+    many connections it opened."""
+
+    statuses: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    connections: int = 0
+
+
+def keep_alive_client(port: int, stop: Event, limit_s: float) -> Tally:
+    """Create a user, read it back with its token, read a page, again and again on one
+    keep-alive connection until `stop` or `limit_s`. Nothing is retried: a request that gets
+    no response is an error, and the next one opens a new connection."""
+    tally = Tally()
+    conn = http.client.HTTPConnection(HOST, port, timeout=20)
+    deadline = time.monotonic() + limit_s
+    token = ""
+
+    def exchange(method: str, path: str, body: object = None) -> http.client.HTTPResponse:
+        if conn.sock is None:
+            tally.connections += 1
+        headers = {"Consistency-Token": token} if token else {}
+        payload = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            payload = json.dumps(body)
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        tally.statuses[response.status] += 1
+        return response
+
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            email = f"roll-{secrets.token_hex(6)}@example.com"
+            try:
+                created = exchange("POST", "/users", {"name": "roll", "email": email})
+                token = created.getheader("Consistency-Token") or token
+                if created.status == 201:
+                    exchange("GET", created.getheader("Location"))
+                exchange("GET", "/users?limit=5")
+            except (OSError, http.client.HTTPException) as exc:
+                tally.errors.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+    finally:
+        conn.close()
+    return tally
+
+
+def test_a_rolling_restart_under_load_loses_no_request(stack):
+    """Each instance in turn is replaced (deploy/rolling.py: a new one started and in rotation,
+    then the old one stopped with SIGTERM and its drain) while 20 clients keep sending writes
+    and reads on keep-alive connections through the balancer: every request is answered 2xx,
+    none gets a socket error, and no client retries anything."""
+    old = stack.instances()
+    stop = Event()
+    clients = [
+        gevent.spawn(keep_alive_client, stack.port, stop, ROLL_LOAD_LIMIT_S)
+        for _ in range(ROLL_LOAD_CLIENTS)
+    ]
+    started = time.monotonic()
+    try:
+        gevent.sleep(1.0)  # the load is under way before the first instance is replaced
+        new = rolling.roll(stack, log=lambda line: None)
+        rolled_s = time.monotonic() - started
+        gevent.sleep(1.0)  # and goes on once the last one is gone
+    finally:
+        stop.set()
+        tallies = join_all(clients, 30, "the keep-alive clients")
+    assert rolled_s < ROLL_LOAD_LIMIT_S, "the load stopped before the roll had ended"
+    statuses = sum((t.statuses for t in tallies), Counter())
+    errors = [error for t in tallies for error in t.errors]
+    print(f"rolled in {rolled_s:.1f} s under {sum(statuses.values())} requests: {statuses}")
+    assert not errors, errors
+    assert set(statuses) == {200, 201}, statuses
+    assert statuses.total() > 20 * ROLL_LOAD_CLIENTS
+    # The balancer kept each client's connection open through the roll.
+    assert [t.connections for t in tallies] == [1] * ROLL_LOAD_CLIENTS
+    assert len(new) == INSTANCES and not set(new) & set(old)
+    assert all(stack.in_rotation(container) for container in new)
+
+
+def test_one_instance_killed_leaves_the_others_serving_through_the_balancer(stack):
+    """A crash, not a drain: the balancer retries the connections the dead instance refuses on
+    the others, so clients see nothing until its checks take it out of rotation. Runs last: it
+    leaves the stack one instance short."""
+    victim, *others = stack.instances()
+    gone = rolling.address(victim)
     docker("kill", victim)
-    for container in others:
-        for _ in range(10):
-            assert request(stack.ports[container], "GET", "/users?limit=1").status == 200
-    with pytest.raises(OSError):
-        request(stack.ports[victim], "GET", "/healthz", timeout=2)
+    for _ in range(10 * INSTANCES):
+        assert request(stack.port, "GET", "/users?limit=1", timeout=10).status == 200
+
+    def out_of_rotation() -> bool:
+        states = stack.balancer_states()
+        return states.get(gone, ("gone",))[0] != "UP" and all(
+            stack.in_rotation(container) for container in others
+        )
+
+    wait_until(out_of_rotation, 30, "the killed instance to leave the rotation", every=0.5)
