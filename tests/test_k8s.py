@@ -23,6 +23,7 @@ import yaml
 
 from config import ConfigError, load_settings
 from config.settings import VARIABLES
+from service.db.budget import Budget
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -33,6 +34,7 @@ KUBERNETES_VERSION = "1.33"
 DEFAULT_SERVER_ALLOWED = 100 - 3
 KNOWN_VARIABLES = {var.name for var in VARIABLES} | {
     "DATABASE_URL",
+    "DATABASE_REPLICA_URLS",
     "API_TOKENS",
     "API_TOKENS_FILE",
     "DRAIN_SECONDS",
@@ -276,9 +278,26 @@ def test_the_database_url_comes_from_a_secret():
     assert ref["key"] in example_data("Secret", ref["name"])
 
 
+def test_the_replica_urls_come_from_the_same_secret_and_may_be_left_out():
+    env = {var["name"]: var for var in container(APP)["env"]}
+    replicas = env["DATABASE_REPLICA_URLS"]
+    assert set(replicas) == {"name", "valueFrom"}
+    ref = replicas["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True
+    assert ref["name"] == env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"]
+    assert ref["key"] in example_data("Secret", ref["name"])
+
+
+def test_the_example_replica_urls_load_as_one_replica_each(tmp_path):
+    urls = example_data("Secret", "service-database")["DATABASE_REPLICA_URLS"]
+    settings = app_settings(tmp_path, DATABASE_REPLICA_URLS=urls)
+    assert len(settings.database_replica_urls) == len(urls.split()) > 1
+
+
 def test_no_secret_value_is_in_plain_text_in_the_deployments():
-    database_url = example_data("Secret", "service-database")["DATABASE_URL"]
-    secrets = [psycopg2.extensions.parse_dsn(database_url)["password"]]
+    database = example_data("Secret", "service-database")
+    urls = [database["DATABASE_URL"], *database["DATABASE_REPLICA_URLS"].split()]
+    secrets = [psycopg2.extensions.parse_dsn(url)["password"] for url in urls]
     secrets += [
         line.strip()
         for line in example_data("Secret", "service-api-tokens")["tokens"].splitlines()
@@ -348,6 +367,17 @@ def test_every_pods_pools_fit_in_pgbouncer_and_in_a_default_server(tmp_path):
     budget = s.web_concurrency * s.db_pool_max * s.app_instances
     assert budget <= int(PGBOUNCER_INI["max_client_conn"])
     assert s.app_instances == 1 or budget <= DEFAULT_SERVER_ALLOWED
+
+
+def test_every_pods_pools_and_monitors_fit_with_replicas(tmp_path):
+    """With replicas each worker holds one monitor connection more to every server, and the
+    start-up check counts them (service/db/budget.py): the pods' connections must still fit in
+    PgBouncer's clients and in a default replica, which the pods reach directly."""
+    urls = example_data("Secret", "service-database")["DATABASE_REPLICA_URLS"]
+    wanted = Budget.of(app_settings(tmp_path, DATABASE_REPLICA_URLS=urls))
+    assert wanted.monitors == 1
+    assert wanted.connections <= int(PGBOUNCER_INI["max_client_conn"])
+    assert wanted.connections <= DEFAULT_SERVER_ALLOWED
 
 
 def test_pgbouncers_server_connections_fit_in_a_default_server():
