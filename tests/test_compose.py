@@ -11,6 +11,7 @@ request goes through the balancer on 127.0.0.1: the instances are not published.
 
 import http.client
 import json
+import re
 import secrets
 import subprocess
 import time
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field, replace
 
 import gevent
 import pytest
+import yaml
 from gevent.event import Event
 from gunicorn_proc import HOST, request, scrape_metrics, wait_until
 from loadgen import join_all
 
+from config import load_settings
 from deploy import rolling
 from deploy.localdocker import docker
 
@@ -78,6 +81,28 @@ def stack(docker_engine):
         if "Traceback" in logs.stdout:
             print(logs.stdout[-5000:])
         stack.compose("down", "--volumes", "--remove-orphans", timeout=120)
+
+
+def haproxy_seconds(value: str) -> float:
+    """A time in HAProxy's configuration: milliseconds unless it says its unit."""
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 0.001}[unit]
+
+
+def test_the_balancer_drops_a_draining_instance_before_its_drain_ends():
+    """From its SIGTERM an instance answers /readyz with 503 for DRAIN_SECONDS while it still
+    serves, then stops accepting. The balancer must have taken it out of rotation by then: its
+    next check comes within one interval, and `fall` failed checks, each given at most
+    `timeout check`, take it out."""
+    config = (rolling.REPO / "deploy" / "compose" / "haproxy.cfg").read_text()
+    (server,) = re.findall(r"^\s*server-template .*$", config, re.MULTILINE)
+    options = server.split()
+    inter = haproxy_seconds(options[options.index("inter") + 1])
+    fall = int(options[options.index("fall") + 1])
+    (check_timeout,) = re.findall(r"^\s*timeout check (\S+)", config, re.MULTILINE)
+    compose = yaml.safe_load(rolling.COMPOSE_FILE.read_text())
+    settings = load_settings(compose["services"]["app"]["environment"])
+    assert fall * inter + haproxy_seconds(check_timeout) < settings.drain_seconds
 
 
 def header(reply, name: str) -> str | None:
