@@ -31,7 +31,6 @@ import os
 import re
 import resource
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -150,7 +149,7 @@ def _new_server(
 ) -> Server:
     """A server for `root` with a database of its own and a free port on loopback."""
     dsn = pg.create_database(f"bench_{label.lower()}")
-    port = _free_port()
+    port = bench_servers.free_port()
     env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
         DATABASE_URL=dsn,
@@ -389,12 +388,6 @@ def _raise_open_files(level: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if target < level + 1024:
         print(f"bench.compare: warning: open files limited to {target}", file=sys.stderr)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

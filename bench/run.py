@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -350,7 +349,7 @@ def _run_http(
 ) -> None:
     """Start the variant's server, measure each of the turn's workloads into `run`, stop it."""
     variant = servers.HTTP_VARIANTS[turn.name]
-    env = servers.environment(dsn, _free_port(), _worker_connections(args))
+    env = servers.environment(dsn, servers.free_port(), _worker_connections(args))
     server = servers.Server(variant, env, logs / f"{turn.name}-{turn.level}-{turn.round}.log")
     try:
         server.wait_ready()
@@ -450,12 +449,6 @@ def _progress(cell: Cell) -> None:
         f"others {cell.cpu.other_cores:.2f} cores, listen overflows {cell.listen_overflows}",
         flush=True,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 if __name__ == "__main__":

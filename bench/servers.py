@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +108,13 @@ HTTP_VARIANTS = {
         workload="get",
     ),
 }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for a server the bench starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def gunicorn_command(config: Path, root: Path = ROOT) -> list[str]:
