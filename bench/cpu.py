@@ -82,6 +82,28 @@ class CpuMeter:
         )
 
 
+@dataclass(frozen=True)
+class Busy:
+    """CPU seconds since boot at one moment: the machine's busy time, and a process tree's."""
+
+    wall: float
+    machine_s: float
+    tree_s: float
+
+    def others_cores(self, since: Busy) -> float:
+        """Cores kept busy on average, between `since` and this moment, by processes outside
+        the tree: other people's work on a shared machine."""
+        wall = self.wall - since.wall
+        others = (self.machine_s - since.machine_s) - (self.tree_s - since.tree_s)
+        return max(0.0, others) / wall if wall > 0 else 0.0
+
+
+def busy(root: int) -> Busy:
+    """Now, for the tree under `root` (say the bench itself, with every server, PostgreSQL and
+    load generator it started): its live processes' own time and their reaped children's."""
+    return Busy(time.monotonic(), _machine_busy_s(), _tree_times()(root))
+
+
 def _machine_busy_s() -> float:
     """CPU seconds all cores spent on anything but idling, since boot."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
