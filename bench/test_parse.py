@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from bench import compare, goals, pgbench, report, wrk
+from bench import clients, compare, goals, pgbench, report, wrk
 from bench import run as run_module
 from bench.backends import Peak
 from bench.cpu import CpuUse
@@ -502,3 +502,38 @@ def test_a_second_sigterm_does_not_cut_short_the_stopping_the_first_began(tmp_pa
         child.kill()
         child.wait()
     assert stopped.read_text() == "all of it"
+
+
+def test_a_read_that_joined_a_batch_is_attributed_by_the_token_it_got(tmp_path):
+    """Only a batch's sender has `db_server` in its access line; the reads that joined it got
+    the same token, and are put on the same kind of server, unless that token was seen on
+    both kinds."""
+    log = tmp_path / "a.log"
+    lines = [
+        {"logger": "service.access", "request_id": "p-1", "db_server": "127.0.0.1:5433"},
+        {"logger": "service.access", "request_id": "p-2"},
+        {"logger": "service.access", "request_id": "p-3", "db_server": "primary"},
+        {"logger": "service.access", "request_id": "p-4"},
+        {"logger": "service.access", "request_id": "p-5", "db_server": "127.0.0.1:5434"},
+        {"logger": "service.access", "request_id": "p-6"},
+        {"logger": "service.error", "request_id": "p-7", "message": "not an access line"},
+        {"logger": "service.access", "request_id": "q-1", "db_server": "primary"},
+    ]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    found = clients.access_lines([log], "p-")
+    assert sorted(found) == ["p-1", "p-2", "p-3", "p-4", "p-5", "p-6"]
+    tokens = {"p-1": 10, "p-2": 10, "p-3": 20, "p-4": 20, "p-5": 30, "p-6": 30, "p-7": 40}
+    reads = [clients.Sent(rid, "get", 0, 0.0, token_got=t) for rid, t in tokens.items()]
+    reads.append(clients.Sent("p-8", "get", 0, 0.0, token_got=20))
+    reads[2].token_got = reads[4].token_got = 30  # p-3 (primary) and p-5 (a replica) share one
+    servers = clients.servers_of(reads, found)
+    assert servers == {
+        "p-1": "replica",
+        "p-2": "replica",
+        "p-3": "primary",
+        "p-4": None,  # its token, 20, was named on no line
+        "p-5": "replica",
+        "p-6": None,  # its token, 30, was seen on the primary and on a replica
+        "p-7": None,
+        "p-8": None,
+    }
