@@ -538,7 +538,7 @@ def scenario_stale(
     for delay in plan.stale_delays_s:
         settle(cluster, instances)
         cluster.set_apply_delay(delay)
-        before, busy = metrics(instances), cpu.busy(os.getpid())
+        before, busy, began = metrics(instances), cpu.busy(os.getpid()), time.time()
         phase = f"stale{round(delay * 1000)}ms"
         try:
             log, took = stale_cycles(phase, ports, plan, finding)
@@ -546,7 +546,9 @@ def scenario_stale(
             cluster.set_apply_delay(0)
         grown = clients.delta(metrics(instances), before)
         others = cpu.busy(os.getpid()).others_cores(busy)
-        rows.append(_stale_row(delay, log, took, grown, others, instances, phase))
+        row = _stale_row(delay, log, took, grown, others, instances, phase)
+        row["metrics"].append(_changes_line(state_changes(instances, began, time.time())))
+        rows.append(row)
         print(
             f"bench.replicas: stale, delay {delay:g} s: {rows[-1]['cycles']:,} cycles in "
             f"{took:.1f} s, {rows[-1]['stale']} stale",
@@ -607,9 +609,8 @@ def _stale_row(
 ) -> dict:
     reads = [sent for sent in log if sent.kind == "read"]
     bare = [sent for sent in log if sent.kind == "bare" and sent.status in (200, 404)]
-    attributed = clients.servers_of(
-        _reads(log, ("read", "bare")), clients.access_lines(log_paths(instances), phase)
-    )
+    lines = clients.access_lines(log_paths(instances), phase)
+    attributed = clients.servers_of(_reads(log, ("read", "bare")), lines)
     ok = [read for read in reads if read.status == 200]
     on_replicas, on_primary, unknown = _shares(attributed, ok)
     known = on_replicas + on_primary
@@ -627,8 +628,17 @@ def _stale_row(
         "p99": _ms([r.ended - r.started for r in ok], 0.99),
         "failed": sum(_failures(log).values()),
         "others": others,
-        "metrics": _metric_lines(grown),
+        "metrics": [_named_line(ok, lines, "token reads"), *_metric_lines(grown)],
     }
+
+
+def _named_line(reads: list[Sent], lines: dict[str, dict], what: str) -> str:
+    """How many of `reads` had their server named in their own access line."""
+    named = sum(bool(lines.get(read.request_id, {}).get("db_server")) for read in reads)
+    return (
+        f"- {what} whose access line names their server (the request that sent its batch's "
+        f"statement): {named:,} of {len(reads):,}; the others were attributed by their token"
+    )
 
 
 def scenario_mix(
@@ -641,12 +651,14 @@ def scenario_mix(
     mix = Mix(
         "mix", [s.port for s in instances], plan.mix_clients, cluster.users, plan.mix_s, finding
     )
-    before, busy = metrics(instances), cpu.busy(os.getpid())
+    before, busy, began = metrics(instances), cpu.busy(os.getpid()), time.time()
     mix.run_for(plan.mix_s)
     grown = clients.delta(metrics(instances), before)
     others = cpu.busy(os.getpid()).others_cores(busy)
+    changes = state_changes(instances, began, time.time())
     reads = _reads(mix.log)
-    attributed = clients.servers_of(reads, clients.access_lines(log_paths(instances), "mix"))
+    lines = clients.access_lines(log_paths(instances), "mix")
+    attributed = clients.servers_of(reads, lines)
     on_replicas, on_primary, unknown = _shares(attributed, reads)
     soon = [r for r in reads if r.after_write_s is not None and r.after_write_s <= AFTER_WRITE_S]
     soon_replicas, soon_primary, soon_unknown = _shares(attributed, soon)
@@ -691,7 +703,9 @@ def scenario_mix(
         f"- latency of those reads p50 / p99: {_ms(soon_s, 0.5)} / {_ms(soon_s, 0.99)} ms; "
         f"of the other reads: {_ms(other_s, 0.5)} / {_ms(other_s, 0.99)} ms",
         f"- failed: {dict(failed) or 'none'}",
+        _named_line(reads, lines, "reads"),
         *_metric_lines(grown),
+        _changes_line(changes),
     ]
     if finding.notes:
         section.lines += ["", "**Found (the scenario stopped at the first):**", ""]
@@ -724,15 +738,15 @@ def scenario_kill(
         for i, s in enumerate(instances)
     ]
     sampler = gevent.spawn(_sample_backends, victim, backends, done)
-    before, busy = metrics(instances), cpu.busy(os.getpid())
+    before, busy, began = metrics(instances), cpu.busy(os.getpid()), time.time()
     try:
         mix.start()
         gevent.sleep(plan.kill_before_s)  # the scenario's timeline, not a wait for readiness
-        killed = time.monotonic()
+        killed, killed_wall = time.monotonic(), time.time()
         victim.halt("immediate")
         halted = time.monotonic()
         gevent.sleep(plan.kill_down_s)
-        launched, launched_wall = time.monotonic(), time.time()
+        launched = time.monotonic()
         victim.launch()
         ready = time.monotonic()
         gevent.sleep(plan.kill_after_s)
@@ -745,7 +759,12 @@ def scenario_kill(
     others = cpu.busy(os.getpid()).others_cores(busy)
     lines = clients.access_lines(log_paths(instances), "kill-")
     out_s, back_s, workers = _rotation(polls, lines, killed, launched)
-    logged_up = _logged_up_after(instances, label(victim), launched_wall)
+    changes = state_changes(instances, began, time.time())
+    logged = ", ".join(
+        f"{who} {state} {at - killed_wall:+.3f}"
+        for who, at, name, state in changes
+        if name == label(victim)
+    )
     failed = _failures(mix.log)
     stale = sum(sent.stale for sent in mix.log)
     section.check(
@@ -780,8 +799,12 @@ def scenario_kill(
         + _per_worker(out_s, polls, lines, killed, "out"),
         f"- back in rotation, per worker (s after launch() was called, {ready - launched:.3f} s "
         "before it returned): "
-        f"{_per_worker(back_s, polls, lines, launched, 'back')}; the workers' own log lines "
-        f'"replica {label(victim)}: up" came {logged_up}',
+        f"{_per_worker(back_s, polls, lines, launched, 'back')}",
+        f"- the workers' own log lines on {label(victim)} (s after the kill; launch() was "
+        f"called at {launched - killed:+.3f}): {logged or 'none'}. A worker logs a change its "
+        "monitor sees; one whose request found the replica broken first takes it out at once "
+        "and logs nothing then",
+        _changes_line(changes),
         f"- failed requests: {dict(failed) or 'none'}",
         *_metric_lines(grown),
         f"- the killed replica's client backends (pg_stat_activity every "
@@ -810,17 +833,20 @@ def _poll_readyz(instance: int, port: int, name: str, polls: list, done: Event) 
 
 def _worker_times(
     polls: list, lines: dict[str, dict], since: float, out: bool
-) -> dict[tuple[int, int], float]:
+) -> dict[tuple[int, int], tuple[float, float]]:
     """Per worker (instance, pid): seconds from `since` to its first answer after it showing
-    the replica out of rotation (`out`) or in it."""
-    first: dict[tuple[int, int], float] = {}
+    the replica out of rotation (`out`) or in it, and to its answer before that one (0 when
+    there was none since): the change happened between the two."""
+    first: dict[tuple[int, int], tuple[float, float]] = {}
+    previous: dict[tuple[int, int], float] = {}
     for instance, request_id, at, state in sorted(polls, key=lambda p: p[2]):
         line = lines.get(request_id)
         if line is None or at < since or state is None:
             continue
         worker = (instance, line["pid"])
         if worker not in first and (state != "up") == out:
-            first[worker] = at - since
+            first[worker] = (at - since, previous.get(worker, 0.0))
+        previous[worker] = at - since
     return first
 
 
@@ -832,29 +858,47 @@ def _rotation(
     workers = {(i, lines[rid]["pid"]) for i, rid, _, _ in polls if rid in lines}
     out = _worker_times(polls, lines, killed, out=True)
     back = _worker_times(polls, lines, launched, out=False)
-    out_s = max(out.values()) if len(out) == len(workers) and workers else None
-    back_s = max(back.values()) if len(back) == len(workers) and workers else None
+    out_s = max(t for t, _ in out.values()) if len(out) == len(workers) and workers else None
+    back_s = max(t for t, _ in back.values()) if len(back) == len(workers) and workers else None
     return out_s, back_s, len(workers)
 
 
 def _per_worker(worst, polls, lines, since: float, which: str) -> str:
     times = _worker_times(polls, lines, since, out=which == "out")
-    shown = ", ".join(f"{'AB'[i]}/{pid} {t:.3f}" for (i, pid), t in sorted(times.items()))
-    return f"{shown} (worst {worst:.3f})" if worst is not None else f"{shown} (not every worker)"
+    shown = ", ".join(
+        f"{'AB'[i]}/{pid} {t:.3f} (its answer before: {before:.3f})"
+        for (i, pid), (t, before) in sorted(times.items())
+    )
+    return f"{shown}; worst {worst:.3f}" if worst is not None else f"{shown}; not every worker"
 
 
-def _logged_up_after(instances: list[compare.Server], name: str, since_wall: float) -> str:
-    """When each worker logged the replica up after `since_wall`, in s after it."""
+def state_changes(
+    instances: list[compare.Server], since_wall: float, until_wall: float
+) -> list[tuple[str, float, str, str]]:
+    """Each change of a replica's state that a worker logged between two `time.time()`s:
+    (instance/pid, when, replica, state), in the order logged."""
     found = []
-    for letter, server in zip("AB", instances, strict=True):
+    for letter, server in zip("AB", instances, strict=False):
         with open(server.log_path, errors="replace") as log:
             for text in log:
-                if f'"message": "replica {name}: up"' in text:
-                    line = json.loads(text)
-                    at = datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
-                    if at.timestamp() >= since_wall - 1:
-                        found.append(f"{letter}/{line['pid']} {at.timestamp() - since_wall:+.3f}")
-    return ", ".join(found) + " s after launch() was called" if found else "never"
+                if '"message": "replica ' not in text:
+                    continue
+                line = json.loads(text)
+                at = datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+                name, _, state = line["message"].removeprefix("replica ").rpartition(": ")
+                if since_wall <= at.timestamp() <= until_wall:
+                    found.append((f"{letter}/{line['pid']}", at.timestamp(), name, state))
+    return sorted(found, key=lambda change: change[1])
+
+
+def _changes_line(changes: list[tuple[str, float, str, str]]) -> str:
+    """What the workers' logs say of the replicas' states in a scenario."""
+    if not changes:
+        return "- replicas' states: no change logged by any worker (up throughout)"
+    counted = Counter((name, state) for _, _, name, state in changes)
+    return "- replicas' state changes logged by the workers (all workers of both instances): " + (
+        ", ".join(f"{name} {state} x{n}" for (name, state), n in sorted(counted.items()))
+    )
 
 
 def _sample_backends(replica: LocalReplica, samples: list, done: Event) -> None:
@@ -929,7 +973,7 @@ def scenario_spike(
     replay: list[tuple[float, int]] = []
     done = Event()
     sampler = gevent.spawn(_sample_replay, cluster.replicas, replay, done)
-    before, busy = metrics(instances), cpu.busy(os.getpid())
+    before, busy, began = metrics(instances), cpu.busy(os.getpid()), time.time()
     try:
         mix.start()
         gevent.sleep(plan.spike_before_s)  # the scenario's timeline
@@ -955,8 +999,10 @@ def scenario_spike(
         "after": clients.delta(after, at_off),
     }
     others = cpu.busy(os.getpid()).others_cores(busy)
+    changes = state_changes(instances, began, time.time())
     reads = _reads(mix.log)
-    attributed = clients.servers_of(reads, clients.access_lines(log_paths(instances), "spike"))
+    lines = clients.access_lines(log_paths(instances), "spike")
+    attributed = clients.servers_of(reads, lines)
     windows = {"before": (mix.started, on_at), "spike": (on, off), "after": (off, mix.ended)}
     rows = {name: _window(reads, attributed, replay, *span) for name, span in windows.items()}
     spike = rows["spike"]
@@ -984,23 +1030,27 @@ def scenario_spike(
         "in the first sample after it was sent (at most that many reads found no replica "
         "there: a replica only moves forward); the looser figure beside it compares with the "
         "last sample before it was sent, which under steady writes counts most reads. "
+        "A read on the primary hands back the primary's position as its token, so a client "
+        "that read there needs the primary for its next reads too, until a replica passes "
+        "that position; and each such read first waits up to REPLICA_CATCH_UP_S for one. "
         f"Others' load: {others:.2f} cores.",
         "",
         "| window | time s | requests/s | reads | on primary (of known) | server unknown | "
-        "reads needing the primary (sample after send; before send) | stale |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "reads needing the primary (sample after send; before send) | read p50 / p99 ms "
+        "| stale |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, row in rows.items():
         section.lines.append(
             f"| {name} | {row['seconds']:.1f} | "
             f"{_rate(mix.log, *windows[name]):,.0f} | "
             f"{row['reads']:,} | {_pct(row['primary'])} | {row['unknown']:,} | "
-            f"{_pct(row['needing'])}; {_pct(row['needing_looser'])} | {row['stale']} |"
+            f"{_pct(row['needing'])}; {_pct(row['needing_looser'])} | "
+            f"{row['p50']} / {row['p99']} | {row['stale']} |"
         )
-    section.lines.append("")
+    section.lines += ["", _named_line(reads, lines, "reads"), _changes_line(changes), ""]
     for name, grown in grown_at.items():
-        section.lines.append(f"/metrics, {name}:")
-        section.lines += _metric_lines(grown)
+        section.lines += [f"/metrics, {name}:", "", *_metric_lines(grown), ""]
     section.lines += [
         "",
         "Per second (from the start of the mix):",
@@ -1074,6 +1124,8 @@ def _window(reads: list[Sent], attributed: dict, replay: list, start: float, end
         "needing": _share(needing_after, len(inside)),
         "needing_looser": _share(needing_before, len(inside)),
         "stale": sum(r.stale for r in inside),
+        "p50": _ms([r.ended - r.started for r in inside], 0.50),
+        "p99": _ms([r.ended - r.started for r in inside], 0.99),
     }
 
 
