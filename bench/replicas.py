@@ -51,6 +51,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -1278,7 +1279,7 @@ def scenario_commits(plan: Plan, args: argparse.Namespace) -> Section:
         f"A: {host.revision(args.a)}, B: {host.revision(args.b)}; no DATABASE_REPLICA_URLS on "
         "either side. bench.compare's report as it printed it:",
         "",
-        text.replace("\n## ", "\n#### ").replace("\n### ", "\n#### "),
+        re.sub(r"^#{2,3} ", "#### ", text, flags=re.MULTILINE),
     ]
     for level, ratio in _compare_medians(text):
         section.check(
