@@ -5,7 +5,7 @@ at any apply delay, and a replica that is paused, killed or promoted leaves the 
 every request still succeeds.
 
 Bounds are coarse (a replica out within 1.5 s of its fault, where the design gives 0.5 s and a
-poll interval); docs/scaling.md has what was measured.
+poll interval); bench/REPLICAS.md has what was measured (`python -m bench.replicas`).
 """
 
 from __future__ import annotations
@@ -96,6 +96,60 @@ def test_reads_run_on_the_replicas_and_the_access_line_names_the_server(service,
         if name == "db_reads_total" and dict(labels)["server"] != "primary"
     )
     assert on_replicas >= 30
+
+
+def test_every_read_of_a_batch_names_its_server_in_the_access_line(service, replicated):
+    user_id, token = create(service.port)
+    replies = gevent.joinall(
+        [
+            gevent.spawn(
+                request,
+                service.port,
+                "GET",
+                f"/users/{user_id}",
+                headers={HEADER: token, "X-Request-ID": f"batch{i}"},
+            )
+            for i in range(40)
+        ],
+        raise_error=True,
+    )
+    assert {r.value.status for r in replies} == {200}
+    servers = {served_by(service, f"batch{i}") for i in range(40)}
+    assert None not in servers
+    assert servers <= {label(r) for r in replicated.replicas} | {"primary"}
+
+
+def metric_sum(port: int, name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (found, got), value in scrape_metrics(port).items()
+        if found == name and labels.items() <= dict(got).items()
+    )
+
+
+def test_during_a_lag_spike_a_read_ahead_of_every_replica_goes_to_the_primary_at_once(
+    service, replicated
+):
+    """Replicas that lag by more than the catch-up wait cannot replay a fresh write within it:
+    the read goes to the primary without waiting."""
+    for replica in replicated.replicas:
+        replica.set_apply_delay(3)
+    try:
+        user_id, token = create(service.port)
+
+        def lagging():
+            replicas = request(service.port, "GET", "/readyz").json["replicas"]
+            return all(r["lag_seconds"] > 0.3 for r in replicas.values())
+
+        wait_until(lagging, 5, "both replicas lagging past the catch-up wait")
+        waits = metric_sum(service.port, "db_read_catch_up_wait_seconds_count")
+        behind = metric_sum(service.port, "db_read_fallbacks_total", reason="behind")
+        assert read(service.port, user_id, token).status == 200
+        assert metric_sum(service.port, "db_read_catch_up_wait_seconds_count") == waits
+        assert metric_sum(service.port, "db_read_fallbacks_total", reason="behind") == behind + 1
+    finally:
+        for replica in replicated.replicas:
+            replica.set_apply_delay(0)
 
 
 def test_a_browser_carries_the_token_in_a_cookie(service):

@@ -146,7 +146,7 @@ def batch_loaders(replicas: bool = False) -> dict[str, BatchLoader]:
     under in `app.extensions`: users by id, pages, creates and updates. With `replicas`, each
     batch reads at the latest position its requests must see, and hands each the position its
     statement wrote or saw (service/api/consistency.py)."""
-    positions = {"at_least": request_position, "saw": seen} if replicas else {}
+    positions = {"at_least": request_position, "saw": _saw} if replicas else {}
     return {
         LOADER: _loader(_users_by_id, metrics.lookups_answered, **positions),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
@@ -155,6 +155,14 @@ def batch_loaders(replicas: bool = False) -> dict[str, BatchLoader]:
         CREATES: _loader(_create_users, **positions),
         UPDATES: _loader(_update_users, **positions),
     }
+
+
+def _saw(position: int | None, server: str | None) -> None:
+    """A batch's statement wrote or saw `position`, a read on `server`: the request's token
+    covers it, and its access line names the server (service/api/consistency.py)."""
+    seen(position)
+    if server is not None:
+        logs.add_read_server(server)
 
 
 def _loader(
@@ -207,7 +215,7 @@ def _users_by_id(waited_s: float, connected: Sending) -> dict[int, dict]:
         ids = connected()
         found = _read(db, f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
         rows = {row["id"]: row for row in found}
-    connected.saw(db.position)
+    connected.saw(db.position, getattr(db, "server", None))
     return rows
 
 
@@ -240,7 +248,7 @@ def _pages(waited_s: float, connected: Sending) -> dict:
     lateral join costs PostgreSQL more to plan."""
     with _batch_db(waited_s, connected, read_only=True) as db:
         rows = _page_rows(db, list(set(connected())))
-    connected.saw(db.position)
+    connected.saw(db.position, getattr(db, "server", None))
     return rows
 
 

@@ -55,6 +55,7 @@ class _Batch:
         "position",
         "rows",
         "sent_at",
+        "server",
     )
 
     def __init__(self, key: Hashable, at_least: int = 0) -> None:
@@ -67,12 +68,14 @@ class _Batch:
         self.error: BaseException | None = None
         self.at_least = at_least  # the latest position a lookup in it must see
         self.position: int | None = None  # the position its query wrote or saw
+        self.server: str | None = None  # the server its read ran on
 
 
 class Sending:
     """What `fetch` gets for its batch: called once the query holds a connection, the keys to
     answer; `at_least()`, the latest position a lookup in it must see (replicas: `get_db`'s
-    `at_least`); `saw(position)`, to hand every lookup the position the query wrote or saw."""
+    `at_least`); `saw(position, server)`, to hand every lookup the position the query wrote or
+    saw, and the server a read ran on (None for a write)."""
 
     __slots__ = ("_batch", "_loader")
 
@@ -86,8 +89,9 @@ class Sending:
     def at_least(self) -> int:
         return self._batch.at_least
 
-    def saw(self, position: int | None) -> None:
+    def saw(self, position: int | None, server: str | None = None) -> None:
         self._batch.position = position
+        self._batch.server = server
 
 
 class BatchLoader:
@@ -107,7 +111,8 @@ class BatchLoader:
 
     With replicas, `at_least()` is asked, in each lookup's greenlet, the position its request
     must see, and the batch must see the latest of them (`Sending.at_least`); `saw(position)`
-    is told, in each lookup's greenlet, the position its query wrote or saw.
+    is told, in each lookup's greenlet, the position its query wrote or saw and the server
+    its read ran on.
     """
 
     def __init__(
@@ -120,7 +125,7 @@ class BatchLoader:
         waited: Callable[[float], None],
         answered: Callable[[int], None] | None = None,
         at_least: Callable[[], int] | None = None,
-        saw: Callable[[int | None], None] | None = None,
+        saw: Callable[[int | None, str | None], None] | None = None,
         in_flight: int = IN_FLIGHT,
         max_keys: int = MAX_KEYS,
     ) -> None:
@@ -163,7 +168,7 @@ class BatchLoader:
                 break
             # Its sender gave up before the query held a connection: this one goes on.
         if self._saw is not None:
-            self._saw(batch.position)
+            self._saw(batch.position, batch.server)
         return answer
 
     def _join(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> bool:

@@ -22,7 +22,8 @@ connections to it at once.
 
 Choosing a server is a lookup in memory. A read whose position no replica in rotation has
 replayed wakes the monitors at once and waits up to REPLICA_CATCH_UP_S for one to catch up,
-then runs on the primary. A position ahead of the primary's own (as last read, plus
+then runs on the primary; when every replica in rotation lags by more than that wait (a lag
+spike), it runs on the primary at once. A position ahead of the primary's own (as last read, plus
 `AHEAD_SLACK_BYTES`) cannot come from a write this service acknowledged: it is read on the
 primary at once, counted. So the primary's share of reads is bounded by the reads whose
 position no replica had replayed within the catch-up wait, those that find no replica in
@@ -279,22 +280,34 @@ class ReplicaSet:
         if at_least > self.primary_position + AHEAD_SLACK_BYTES and self.primary_position:
             return self.fell_back(AHEAD)
         found = self._choose(at_least, exclude)
-        if found is None and any(r.up for r in self.replicas if r.label != exclude):
-            waited = time.monotonic()
-            until = waited + self._catch_up_s
-            self._wake.set()
-            while found is None and (left := until - time.monotonic()) > 0:
-                self._advanced.wait(left)
-                found = self._choose(at_least, exclude)
-            if self._events is not None:
-                self._events.caught_up(time.monotonic() - waited, found is not None)
+        if found is None:
+            rotation = [r for r in self.replicas if r.up and r.label != exclude]
+            if not rotation:
+                return self.fell_back(NO_REPLICA)
+            # One that lags by more than the wait (a lag spike) will not replay a fresh write
+            # within it: the read goes to the primary at once.
+            if all(r.lag_s > self._catch_up_s for r in rotation):
+                return self.fell_back(BEHIND)
+            found = self._catch_up(at_least, exclude)
             if found is None:
                 return self.fell_back(BEHIND)
-        if found is None:
-            return self.fell_back(NO_REPLICA)
         if random.random() > found.weight(time.monotonic()):
             return self.fell_back(RAMP)
         return found.pool, found.label, None
+
+    def _catch_up(self, at_least: int, exclude: str | None) -> Replica | None:
+        """Wake the monitors, and wait up to the catch-up wait for a replica to replay
+        `at_least`; the one that did, or None."""
+        waited = time.monotonic()
+        until = waited + self._catch_up_s
+        self._wake.set()
+        found = None
+        while found is None and (left := until - time.monotonic()) > 0:
+            self._advanced.wait(left)
+            found = self._choose(at_least, exclude)
+        if self._events is not None:
+            self._events.caught_up(time.monotonic() - waited, found is not None)
+        return found
 
     def _choose(self, at_least: int, exclude: str | None) -> Replica | None:
         eligible = [
@@ -313,12 +326,14 @@ class ReplicaSet:
         if self._events is not None:
             self._events.retried(label)
 
-    def failed(self, label: str) -> None:
-        """A request found `label` broken: out of rotation until its monitor's next good poll."""
+    def failed(self, label: str, error: BaseException) -> None:
+        """A request found `label` broken (`error`): out of rotation until its monitor's next
+        good poll."""
         replica = self.replica(label)
         if replica is not None and replica.up:
             replica.up = False
             replica.state = "down"
+            log.info("replica %s: down, a request found it broken: %s", label, error)
             self._wake.set()
 
     # The monitors: one greenlet per server, each with a connection of its own.
@@ -456,8 +471,8 @@ class ReadCursor:
             try:
                 self._enter(pool, label)
                 return
-            except DatabaseUnavailable:
-                self._replicas.failed(label)
+            except DatabaseUnavailable as exc:
+                self._replicas.failed(label, exc)
                 pool, label, _ = self._replicas.fell_back(RETRY)
         self._enter(pool, label)
 
@@ -493,7 +508,7 @@ class ReadCursor:
             ):
                 raise
             if isinstance(ours, DatabaseUnavailable):
-                self._replicas.failed(self.server)
+                self._replicas.failed(self.server, ours)
             self._replicas.retried(self.server)
             self._move(at_least, exc)
             result = self._cursor.execute(query, vars)
@@ -512,10 +527,10 @@ class ReadCursor:
             return
         try:
             self._stack.__exit__(None, None, None)
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as exc:
             if self.server == PRIMARY:
                 raise
-            self._replicas.failed(self.server)
+            self._replicas.failed(self.server, exc)
             with self._replicas.primary.connection(self._timeout, True, POSITION_SQL) as primary:
                 pass
             self._cursor = primary
