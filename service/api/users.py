@@ -73,7 +73,6 @@ from service.db import (
     seen,
 )
 from service.db.batch import MAX_KEYS, BatchLoader, Sending
-from service.db.lsn import parse_lsn
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
@@ -213,32 +212,10 @@ def _batch_db(waited_s: float, connected: Sending, read_only: bool = False):
 def _users_by_id(waited_s: float, connected: Sending) -> dict[int, dict]:
     with _batch_db(waited_s, connected, read_only=True) as db:
         ids = connected()
-        found = _read(db, f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
-        rows = {row["id"]: row for row in found}
+        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
+        rows = {row["id"]: row for row in db.fetchall()}
     connected.saw(db.position, getattr(db, "server", None))
     return rows
-
-
-def _read(db: Cursor, query: str, params: tuple, order: str = "") -> list[dict]:
-    """The rows of `query`, a read whose every row has an `id`. With replicas, the position the
-    read saw rides in the same statement (the cursor's `position_sql`, evaluated after its
-    snapshot), saving get_db the round trip it would take for it: the query is joined to a
-    row of that position, kept even when the query has no row, and `order` (the query's own
-    ORDER BY, in terms of its columns as `r`) orders the whole again."""
-    position_sql = getattr(db, "position_sql", None)
-    if position_sql is None:
-        db.execute(query, params)
-        return db.fetchall()
-    db.execute(
-        f"SELECT r.*, pos.position FROM (SELECT ({position_sql})::text AS position) AS pos"
-        f" LEFT JOIN LATERAL ({query}) AS r ON true{' ORDER BY ' + order if order else ''}",
-        params,
-    )
-    rows = db.fetchall()
-    db.position = parse_lsn(rows[0]["position"])
-    for row in rows:
-        del row["position"]
-    return [row for row in rows if row["id"] is not None]
 
 
 def _pages(waited_s: float, connected: Sending) -> dict:
@@ -254,19 +231,19 @@ def _pages(waited_s: float, connected: Sending) -> dict:
 
 def _page_rows(db: Cursor, pages: list[tuple[int, int]]) -> dict:
     if len(pages) == 1:
-        query = f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s"
-        return {pages[0]: _read(db, query, pages[0], "r.id DESC")}
-    found = _read(
-        db,
+        db.execute(
+            f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s", pages[0]
+        )
+        return {pages[0]: db.fetchall()}
+    db.execute(
         "SELECT p.i AS page_no, u.* FROM unnest(%s::bigint[], %s::int[])"
         " WITH ORDINALITY AS p(upto, n, i) CROSS JOIN LATERAL"
         f" (SELECT {_COLUMNS} FROM users WHERE id <= p.upto ORDER BY id DESC LIMIT p.n) u"
         " ORDER BY p.i, u.id DESC",
         ([upto for upto, _ in pages], [n for _, n in pages]),
-        "r.page_no, r.id DESC",
     )
     rows: dict[tuple[int, int], list[dict]] = {page: [] for page in pages}
-    for row in found:
+    for row in db.fetchall():
         rows[pages[row.pop("page_no") - 1]].append(row)
     return rows
 

@@ -172,9 +172,7 @@ def get_db(
 
     With replicas, every block ends by reading the position it wrote (on the primary) or could
     have seen, one round trip more, into the cursor's `position`, and tells it to
-    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much. A
-    read-only block may save that round trip: its cursor's `position_sql`, read in one of its
-    statements after that statement's snapshot and set as `position`, is taken instead.
+    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much.
     """
     replicas = current_replicas()
     if replicas is None:

@@ -275,8 +275,7 @@ class Pool(ThreadedConnectionPool):
 
         With `position_sql` (an SQL expression of type pg_lsn), once the block ended cleanly and
         its transaction committed, the same connection reads that expression, in a round trip
-        of its own, into the cursor's `position`: what the block wrote or could have seen;
-        unless the block set `position` itself.
+        of its own, into the cursor's `position`: what the block wrote or could have seen.
         """
         conn = self._checkout(self._timeout if timeout is None else timeout)
         watchdog = gevent.get_hub().loop.timer(self._leak_warn_s)
@@ -297,7 +296,7 @@ class Pool(ThreadedConnectionPool):
                 yield cursor
                 if not autocommit:
                     _commit(conn)
-                if position_sql and cursor.position is None:
+                if position_sql:
                     conn.autocommit = True  # idle now: no round trip, and no BEGIN for this
                     cursor.execute(f"SELECT ({position_sql})::text AS position")
                     cursor.position = parse_lsn(cursor.fetchone()["position"])
