@@ -31,7 +31,9 @@ from deploy.localdocker import docker
 
 INSTANCES = 3
 POOL_SIZE = 10  # deploy/compose/pgbouncer.ini's default_pool_size
-REPLICA = "db-replica:5432"  # its label in /readyz and /metrics
+# The replica's label in /readyz and /metrics: its name resolves to one address, so the label
+# is "db-replica/<address>:5432" (service/db/replicas.py's resolve_url).
+REPLICA = re.compile(r"db-replica/[0-9.]+:5432")
 HEALTHY_WITHIN_S = 120.0
 ROLL_LOAD_CLIENTS = 20
 ROLL_LOAD_LIMIT_S = 90.0
@@ -124,14 +126,20 @@ def test_a_write_through_the_balancer_is_read_back_with_its_token_on_the_replica
 
     def replica_up_on_every_instance() -> bool:
         states = [request(stack.port, "GET", "/readyz").json for _ in range(INSTANCES)]
-        return all(s["replicas"][REPLICA]["state"] == "up" for s in states)
+        return all(
+            [r["state"] for name, r in s["replicas"].items() if REPLICA.fullmatch(name)] == ["up"]
+            for s in states
+        )
 
     wait_until(replica_up_on_every_instance, 30, "every instance to see the replica up", every=0.5)
 
     def read_on_the_replica() -> bool:
         assert request(stack.port, "GET", location, headers=with_token).status == 200
         samples = scrape_metrics(stack.port)
-        return samples.get(("db_reads_total", frozenset({("server", REPLICA)})), 0) > 0
+        return any(
+            name == "db_reads_total" and REPLICA.fullmatch(dict(labels)["server"]) and value > 0
+            for (name, labels), value in samples.items()
+        )
 
     wait_until(read_on_the_replica, 30, "a read on the replica", every=0.2)
 
