@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -112,6 +113,24 @@ def request(
         return Reply(response.status, dict(response.getheaders()), response.read())
     finally:
         conn.close()
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One whole response from a raw socket: its head (status line and fields) and a body of
+    its Content-Length bytes (none without one). Fails when the connection closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without a whole head, after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+    length = int(found[1]) if found else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return head, body[:length]
 
 
 def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:

@@ -12,7 +12,15 @@ import time
 
 import gevent
 import pytest
-from gunicorn_proc import HOST, Gunicorn, metric, request, scrape_metrics, wait_until
+from gunicorn_proc import (
+    HOST,
+    Gunicorn,
+    metric,
+    read_response,
+    request,
+    scrape_metrics,
+    wait_until,
+)
 from pgutil import autocommit, seed_users, users_locked
 
 from bench.hostile import (
@@ -57,26 +65,8 @@ def server(database_url, tmp_path):
 
 
 def answer(sock: socket.socket) -> bytes:
-    """One whole response from `sock` (its head, and a body of Content-Length bytes)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        (
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        ),
-        0,
-    )
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed mid-body"
-        body += chunk
-    return head
+    """One whole response from `sock`: its head."""
+    return read_response(sock)[0]
 
 
 def get_healthz(sock: socket.socket) -> bytes:
