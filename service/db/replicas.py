@@ -339,55 +339,28 @@ class ReplicaSet:
     # The monitors: one greenlet per server, each with a connection of its own.
 
     def _monitor(self, replica: Replica) -> None:
-        conn = None
-        while not self.closed and not replica.removed:
-            try:
-                conn = conn if conn is not None and not conn.closed else self._connect(replica.dsn)
-                with deadline(PROBE_DEADLINE_S, _NoAnswer), conn.cursor() as cur:
-                    cur.execute(_REPLICA_POLL)
-                    in_recovery, replay = cur.fetchone()
-            except (psycopg2.Error, _NoAnswer):
-                if conn is not None:
-                    conn.close()
-                conn = None
-                self._update(replica, None, None)
-            else:
-                self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
-            self._tick()
-        if conn is not None:
-            conn.close()
+        with _Poller(replica.dsn, self._connect_timeout) as poller:
+            while not self.closed and not replica.removed:
+                row = poller.poll(_REPLICA_POLL)
+                if row is None:
+                    self._update(replica, None, None)
+                else:
+                    in_recovery, replay = row
+                    self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
+                self._tick()
 
     def _monitor_primary(self) -> None:
-        conn = None
-        while not self.closed:
-            try:
-                conn = conn if conn is not None and not conn.closed else self._connect(None)
-                with deadline(PROBE_DEADLINE_S, _NoAnswer), conn.cursor() as cur:
-                    cur.execute(_PRIMARY_POLL)
-                    (position,) = cur.fetchone()
-            except (psycopg2.Error, _NoAnswer):
-                if conn is not None:
-                    conn.close()
-                conn = None
-            else:
-                now = time.monotonic()
-                self.primary_position = parse_lsn(position)
-                if not self._history or self._history[-1][1] != self.primary_position:
-                    self._history.append((now, self.primary_position))
-                while self._history and self._history[0][0] < now - HISTORY_S:
-                    self._history.popleft()
-            self._tick()
-        if conn is not None:
-            conn.close()
-
-    def _connect(self, dsn: str | None) -> psycopg2.extensions.connection:
-        conn = connect(
-            dsn if dsn is not None else self._primary_dsn,
-            self._connect_timeout,
-            application_name="service-monitor",
-        )
-        conn.autocommit = True
-        return conn
+        with _Poller(self._primary_dsn, self._connect_timeout) as poller:
+            while not self.closed:
+                row = poller.poll(_PRIMARY_POLL)
+                if row is not None:
+                    now = time.monotonic()
+                    self.primary_position = parse_lsn(row[0])
+                    if not self._history or self._history[-1][1] != self.primary_position:
+                        self._history.append((now, self.primary_position))
+                    while self._history and self._history[0][0] < now - HISTORY_S:
+                        self._history.popleft()
+                self._tick()
 
     def _tick(self) -> None:
         """Tell waiting reads that positions moved, then sleep until the next poll (or a wake)."""
@@ -532,6 +505,42 @@ class ReadCursor:
 
     def __iter__(self):
         return iter(self._cursor)
+
+
+class _Poller:
+    """A monitor's own connection to one server, opened again after any failure."""
+
+    def __init__(self, dsn: str, connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg2.extensions.connection | None = None
+
+    def poll(self, sql: str) -> tuple | None:
+        """The one row `sql` answers, or None when the server cannot be reached or gives no
+        answer within `PROBE_DEADLINE_S` (the connection is then closed, opened again next)."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(
+                    self._dsn, self._connect_timeout, application_name="service-monitor"
+                )
+                self._conn.autocommit = True
+            with deadline(PROBE_DEADLINE_S, _NoAnswer), self._conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchone()
+        except (psycopg2.Error, _NoAnswer):
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> _Poller:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _NoAnswer(Exception):
