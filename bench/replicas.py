@@ -339,6 +339,16 @@ def stale_cycles(
     return log, time.monotonic() - started
 
 
+def _write(user: Client, instance: int, name: str, rename_one_of: dict | None, rng):
+    """A client's write on `instance`: a create of a user called `name`, or, given the client's
+    own users, a rename of one of them (drawn with `rng`) to `name`."""
+    if rename_one_of is None:
+        body = {"name": name, "email": f"{name}@example.com"}
+        return user.send("create", instance, "POST", "/users", body, write=True)
+    uid = rng.choice(list(rename_one_of))
+    return user.send("rename", instance, "PATCH", f"/users/{uid}", {"name": name}, write=True)
+
+
 def _stale_cycle(user: Client, cycle: int, own: dict[int, str], finding: Finding) -> None:
     """Create a user (or rename one of `own`) on one instance, read it on the other with the
     write's token; in BARE_SHARE of the cycles, first read it there without. The writer goes
@@ -346,14 +356,7 @@ def _stale_cycle(user: Client, cycle: int, own: dict[int, str], finding: Finding
     writer = (cycle // 2) % 2
     reader = 1 - writer
     name = f"{user.name}-{cycle}"
-    if not own or cycle % 2:
-        body = {"name": name, "email": f"{name}@example.com"}
-        sent, answer = user.send("create", writer, "POST", "/users", body, write=True)
-    else:
-        uid = random.choice(list(own))
-        sent, answer = user.send(
-            "rename", writer, "PATCH", f"/users/{uid}", {"name": name}, write=True
-        )
+    sent, answer = _write(user, writer, name, None if not own or cycle % 2 else own, random)
     if sent.status not in (200, 201):
         finding.add("a write failed", sent)
         return
@@ -448,14 +451,7 @@ class Mix:
                 self._finding.add("a page failed", sent)
             return None
         name = f"{user.name}-{n}"
-        if pick <= 90 or not own:
-            body = {"name": name, "email": f"{name}@example.com"}
-            sent, answer = user.send("create", instance, "POST", "/users", body, write=True)
-        else:
-            uid = rng.choice(list(own))
-            sent, answer = user.send(
-                "rename", instance, "PATCH", f"/users/{uid}", {"name": name}, write=True
-            )
+        sent, answer = _write(user, instance, name, None if pick <= 90 or not own else own, rng)
         if sent.status not in (200, 201):
             self._finding.add("a write failed", sent)
             return None
