@@ -25,7 +25,8 @@ ACCEPTED_CODINGS = frozenset({"", "identity"})
 
 def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
-    app.config["SETTINGS"] = settings or load_settings(os.environ)
+    settings = app.config["SETTINGS"] = settings or load_settings(os.environ)
+    replicas = bool(settings.database_replica_urls)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json = OrjsonProvider(app)
     app.extensions[db.EVENTS] = metrics.PoolMetrics()
@@ -37,12 +38,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request(_require_host)
     auth.register(app, frozenset({users.bp.name}))
     app.before_request(_read_whole_body)
-    if app.config["SETTINGS"].database_replica_urls:
+    if replicas:
         consistency.register(app)
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
-    loaders = users.batch_loaders(replicas=bool(app.config["SETTINGS"].database_replica_urls))
+    loaders = users.batch_loaders(replicas)
     app.extensions.update(loaders)
     app.extensions[db.WAITING_ELSEWHERE] = lambda: sum(x.waiting for x in loaders.values())
     app.extensions[db.CLIENT_GONE] = client.hung_up
