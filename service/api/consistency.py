@@ -66,7 +66,9 @@ def decode(token: str) -> int | None:
 def _read_token() -> None:
     g.seen_position = 0
     g.read_at_least = 0
-    for token in (request.headers.get(HEADER), request.cookies.get(COOKIE)):
+    # Cookies are parsed only when the client sent some: most API clients send none.
+    cookie = request.cookies.get(COOKIE) if "HTTP_COOKIE" in request.environ else None
+    for token in (request.headers.get(HEADER), cookie):
         if token is None:
             continue
         position = decode(token)
