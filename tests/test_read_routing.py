@@ -16,6 +16,7 @@ from config import load_settings
 from service import db
 from service.api import users
 from service.app import create_app
+from service.db.lsn import parse_lsn
 from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
 
 pytestmark = pytest.mark.replicas
@@ -169,9 +170,13 @@ def test_replicas_come_and_go_as_their_name_resolves_again(replicated, make_pool
 def test_reads_on_a_replica_answer_what_the_primary_does_and_carry_their_position(replicated):
     """The users API's reads, run on a replica, give the rows the same statements give on the
     primary, and a position: pages of every shape, one page or several in one statement,
-    empty ones, ids found and not found."""
+    empty ones, ids found and not found. A read that found rows has its position from its own
+    statement (set inside the block); one that found none gets it at the block's end; either
+    way it is at least the position of the writes it saw."""
     with pgutil.autocommit(replicated.database_url) as cur:
         ids = pgutil.seed_users(cur, 30)
+        cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+        written = parse_lsn(cur.fetchone()[0])
     for replica in replicated.replicas:
         replica.catch_up()
     newest = max(ids)
@@ -195,14 +200,19 @@ def test_reads_on_a_replica_answer_what_the_primary_does_and_carry_their_positio
                 for pages in shapes + lookups:
                     with db.get_db(read_only=True) as cur:
                         if isinstance(pages[0], tuple):
-                            found.append(users._page_rows(cur, pages))
+                            rows = users._page_rows(cur, pages)
+                            any_row = any(rows.values())
                         else:
-                            sql = "SELECT id, name, email, created_at FROM users WHERE id = ANY(%s)"
-                            cur.execute(sql, (pages,))
-                            found.append(sorted(cur.fetchall(), key=str))
+                            columns = db.with_position(cur, "id, name, email, created_at")
+                            cur.execute(f"SELECT {columns} FROM users WHERE id = ANY(%s)", (pages,))
+                            rows = sorted(db.fetch_with_position(cur), key=str)
+                            any_row = bool(rows)
+                        if env:
+                            assert (cur.position is not None) == any_row, (pages, cur.position)
+                        found.append(rows)
                     found.append(getattr(cur, "server", None))
                     if env:
-                        assert cur.position is not None
+                        assert cur.position is not None and cur.position >= written
             return found
         finally:
             db.close_pool(app)

@@ -68,9 +68,11 @@ from service.db import (
     Cursor,
     PoolTimeout,
     current_pool,
+    fetch_with_position,
     get_db,
     request_position,
     seen,
+    with_position,
 )
 from service.db.batch import MAX_KEYS, BatchLoader, Sending
 from service.observability import logs, metrics
@@ -212,8 +214,11 @@ def _batch_db(waited_s: float, connected: Sending, read_only: bool = False):
 def _users_by_id(waited_s: float, connected: Sending) -> dict[int, dict]:
     with _batch_db(waited_s, connected, read_only=True) as db:
         ids = connected()
-        db.execute(f"SELECT {_COLUMNS} FROM users WHERE id = ANY(%s)", (list(set(ids)),))
-        rows = {row["id"]: row for row in db.fetchall()}
+        db.execute(
+            f"SELECT {with_position(db, _COLUMNS)} FROM users WHERE id = ANY(%s)",
+            (list(set(ids)),),
+        )
+        rows = {row["id"]: row for row in fetch_with_position(db)}
     connected.saw(db.position, getattr(db, "server", None))
     return rows
 
@@ -232,18 +237,21 @@ def _pages(waited_s: float, connected: Sending) -> dict:
 def _page_rows(db: Cursor, pages: list[tuple[int, int]]) -> dict:
     if len(pages) == 1:
         db.execute(
-            f"SELECT {_COLUMNS} FROM users WHERE id <= %s ORDER BY id DESC LIMIT %s", pages[0]
+            f"SELECT {with_position(db, _COLUMNS)} FROM users"
+            " WHERE id <= %s ORDER BY id DESC LIMIT %s",
+            pages[0],
         )
-        return {pages[0]: db.fetchall()}
+        return {pages[0]: fetch_with_position(db)}
     db.execute(
-        "SELECT p.i AS page_no, u.* FROM unnest(%s::bigint[], %s::int[])"
+        f"SELECT {with_position(db, 'p.i AS page_no, u.*')}"
+        " FROM unnest(%s::bigint[], %s::int[])"
         " WITH ORDINALITY AS p(upto, n, i) CROSS JOIN LATERAL"
         f" (SELECT {_COLUMNS} FROM users WHERE id <= p.upto ORDER BY id DESC LIMIT p.n) u"
         " ORDER BY p.i, u.id DESC",
         ([upto for upto, _ in pages], [n for _, n in pages]),
     )
     rows: dict[tuple[int, int], list[dict]] = {page: [] for page in pages}
-    for row in db.fetchall():
+    for row in fetch_with_position(db):
         rows[pages[row.pop("page_no") - 1]].append(row)
     return rows
 

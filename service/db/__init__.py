@@ -24,6 +24,7 @@ from service.db.errors import (
     TransactionAborted,
     TransactionConflict,
 )
+from service.db.lsn import parse_lsn
 from service.db.pool import Cursor, Pool, PoolEvents
 from service.db.replicas import (
     ON_PRIMARY,
@@ -52,10 +53,12 @@ __all__ = [
     "close_pool",
     "current_pool",
     "current_replicas",
+    "fetch_with_position",
     "get_db",
     "open_pool",
     "request_position",
     "seen",
+    "with_position",
 ]
 
 EXTENSION = "service.db.pool"
@@ -172,7 +175,9 @@ def get_db(
 
     With replicas, every block ends by reading the position it wrote (on the primary) or could
     have seen, one round trip more, into the cursor's `position`, and tells it to
-    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much.
+    `app.extensions[SEEN_POSITION]`: that is how a client's next read sees at least as much. A
+    read-only block saves that round trip when its last statement selects `with_position()`
+    and reads its rows with `fetch_with_position()`.
     """
     replicas = current_replicas()
     if replicas is None:
@@ -210,6 +215,30 @@ def request_position() -> int:
     """The position the current request's reads must see (`READ_POSITION`), else 0."""
     position = current_app.extensions.get(READ_POSITION)
     return position() if position is not None else 0
+
+
+def with_position(db: Cursor, columns: str) -> str:
+    """`columns` for a read's SELECT list, and, in a read-only block on replicas, the position
+    the read could have seen as one column more: evaluated after the statement's snapshot, it
+    is never less than what the read saw. Read the rows with `fetch_with_position`."""
+    if db.position_sql is None:
+        return columns
+    return f"{columns}, ({db.position_sql})::text AS {_POSITION_COLUMN}"
+
+
+def fetch_with_position(db: Cursor) -> list[dict]:
+    """The rows of a statement that selected `with_position()`, without that column, having set
+    the cursor's `position` from it. With no row, the position is left to the end of the
+    block, which reads it in a round trip of its own."""
+    rows = db.fetchall()
+    if rows and _POSITION_COLUMN in rows[0]:
+        db.position = parse_lsn(rows[0][_POSITION_COLUMN])
+        for row in rows:
+            del row[_POSITION_COLUMN]
+    return rows
+
+
+_POSITION_COLUMN = "read_position"
 
 
 def seen(position: int | None) -> None:

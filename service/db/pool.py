@@ -149,9 +149,11 @@ class Cursor(RealDictCursor):
     TCP keepalives.
 
     `position` is the WAL position read at the end of a block that asked for one
-    (`Pool.connection`'s `position_sql`), as an int; None before then."""
+    (`Pool.connection`'s `position_sql`), as an int; None before then. `position_sql` is None
+    here: a plain block has no position to read in its own statements (`ReadCursor`'s has)."""
 
     position: int | None = None
+    position_sql: str | None = None
 
     def execute(self, query, vars=None):
         with deadline(self.connection.deadline_s, self._give_up):
@@ -275,7 +277,8 @@ class Pool(ThreadedConnectionPool):
 
         With `position_sql` (an SQL expression of type pg_lsn), once the block ended cleanly and
         its transaction committed, the same connection reads that expression, in a round trip
-        of its own, into the cursor's `position`: what the block wrote or could have seen.
+        of its own, into the cursor's `position`: what the block wrote or could have seen;
+        unless the block set `position` itself (`service.db.with_position`).
         """
         conn = self._checkout(self._timeout if timeout is None else timeout)
         watchdog = gevent.get_hub().loop.timer(self._leak_warn_s)
@@ -296,7 +299,7 @@ class Pool(ThreadedConnectionPool):
                 yield cursor
                 if not autocommit:
                     _commit(conn)
-                if position_sql:
+                if position_sql and cursor.position is None:
                     conn.autocommit = True  # idle now: no round trip, and no BEGIN for this
                     cursor.execute(f"SELECT ({position_sql})::text AS position")
                     cursor.position = parse_lsn(cursor.fetchone()["position"])

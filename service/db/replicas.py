@@ -426,9 +426,17 @@ class ReadCursor:
         self.server = PRIMARY
         self._open(at_least(), None)
 
+    # A read may take its position in its own statement, evaluated after that statement's
+    # snapshot (service.db.with_position): no round trip more.
+    position_sql = POSITION_SQL
+
     @property
     def position(self) -> int | None:
         return self._cursor.position if self._cursor is not None else None
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._cursor.position = value
 
     def _open(self, at_least: int, exclude: str | None) -> None:
         pool, label, _ = self._replicas.route(at_least, exclude)
