@@ -39,7 +39,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -420,7 +420,7 @@ class ReadCursor:
         self._replicas = replicas
         self._timeout = timeout
         self._at_least = at_least
-        self._stack = ExitStack()
+        self._lent: AbstractContextManager[Cursor] | None = None  # the current connection's block
         self._cursor: Cursor | None = None
         self._answered = False
         self.server = PRIMARY
@@ -450,8 +450,9 @@ class ReadCursor:
         self._enter(pool, label)
 
     def _enter(self, pool: Pool, label: str) -> None:
-        self._stack = ExitStack()
-        self._cursor = self._stack.enter_context(pool.connection(self._timeout, True, POSITION_SQL))
+        lent = pool.connection(self._timeout, True, POSITION_SQL)
+        self._cursor = lent.__enter__()
+        self._lent = lent
         self.server = label
 
     def _move(self, at_least: int, exc: BaseException | None) -> None:
@@ -460,7 +461,7 @@ class ReadCursor:
         # The pool hands back the failed connection, raising its error translated: the error
         # this move is already answering.
         with suppress(psycopg2.Error, DatabaseUnavailable, TransactionConflict):
-            self._stack.__exit__(
+            self._lent.__exit__(
                 type(exc) if exc else None, exc, exc.__traceback__ if exc else None
             )
         self._open(at_least, left)
@@ -496,10 +497,10 @@ class ReadCursor:
         between) leaves the rotation, and the position is the primary's: no replica has
         replayed more than the primary has written."""
         if exc is not None:
-            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            self._lent.__exit__(type(exc), exc, exc.__traceback__)
             return
         try:
-            self._stack.__exit__(None, None, None)
+            self._lent.__exit__(None, None, None)
         except DatabaseUnavailable as exc:
             if self.server == PRIMARY:
                 raise
