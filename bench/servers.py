@@ -134,9 +134,14 @@ def environment(database_url: str, port: int, worker_connections: int) -> dict[s
 
 
 def passed_through(environ: Mapping[str, str]) -> dict[str, str]:
-    """The service's variables set by the caller that the bench does not set itself."""
+    """The service's variables set by the caller that the bench does not set itself, but for
+    those Settings keeps out of its repr (URLs and tokens): the bench prints these."""
     ours = _set_by_bench("", 0, 0)
-    return {v.name: environ[v.name] for v in VARIABLES if v.name in environ and v.name not in ours}
+    return {
+        name: environ[name]
+        for name, field in VARIABLES.items()
+        if name in environ and name not in ours and field.repr
+    }
 
 
 def _set_by_bench(database_url: str, port: int, worker_connections: int) -> dict[str, str]:

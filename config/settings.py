@@ -1,346 +1,348 @@
 """Settings from the environment, read and validated once at start.
 
-Every variable is in `VARIABLES` with its default and accepted range, so the README table and
-the error messages come from one place. `load_settings()` takes a mapping (tests pass a dict,
-production passes `os.environ`) and returns a frozen `Settings`, or raises `ConfigError` naming
-the variable and what it accepts.
+`Settings` is a pydantic-settings model: every variable is one field, in the order of the
+README's configuration table (tests/test_docs.py checks one against the other), with its type,
+default, accepted range (`ge`, `le`) and description. `load_settings()` takes a mapping (tests
+pass a dict, production passes `os.environ`) and returns a frozen `Settings`, or raises
+`ConfigError` naming each bad variable and what it accepts.
+
+The mapping is the only source: `load_settings()` gives its variables to the model as init
+arguments, and `Settings.settings_customise_sources` keeps init arguments the only source
+pydantic-settings reads. It would otherwise read `os.environ` and a `.env` file itself. No `.env`
+file is read: every way of running the service (gunicorn.conf.py, the image, Compose,
+Kubernetes) sets the environment, and a file found in the working directory would make the
+settings depend on where the service was started, and the master and its workers on both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import annotated_types
 import psycopg2.extensions
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class ConfigError(ValueError):
     """A variable is out of range or malformed; the message names it and the accepted range."""
 
 
-@dataclass(frozen=True)
-class Variable:
-    name: str
-    kind: type
-    default: object  # a value, or a callable of the settings read so far (derived defaults)
-    low: float
-    high: float
-    help: str
+# A bearer token shorter than this is refused: it could be guessed.
+TOKEN_MIN_LENGTH = 16
 
 
 def _cpu_count() -> int:
-    """CPUs this process may use: a container limited by cpuset sees its share, not the host's."""
+    """CPUs available
+
+    The CPUs this process may run on: a container limited by cpuset sees its share, not the
+    host's. (The first line is the README's default: tests/test_docs.py.)
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def _default_pool_max(s: dict) -> int:
+def _default_pool_max(s: dict[str, Any]) -> int:
+    """`DB_MAX_CONNECTIONS // WEB_CONCURRENCY` (1 to `WORKER_CONNECTIONS`)"""
     return max(1, min(s["worker_connections"], s["db_max_connections"] // s["web_concurrency"]))
 
 
-# Order matters: a derived default may use only the variables above it.
-VARIABLES = (
-    Variable("PORT", int, 8000, 1, 65535, "TCP port the service listens on (0.0.0.0)"),
-    Variable(
-        "METRICS_PORT",
-        int,
-        0,
-        0,
-        65535,
-        "TCP port serving /metrics alone (0.0.0.0), which the public port then does not serve; "
-        "0: /metrics on the public port",
-    ),
-    Variable(
-        "WEB_CONCURRENCY",
-        int,
-        lambda s: _cpu_count(),
-        1,
-        256,
-        "gunicorn worker processes (default: the CPUs this process may run on)",
-    ),
-    Variable(
-        "WORKER_CONNECTIONS",
-        int,
+def _default_pool_min(s: dict[str, Any]) -> int:
+    """`min(2, DB_POOL_MAX)`"""
+    return min(2, s["db_pool_max"])
+
+
+class Settings(BaseSettings):
+    """Every variable the service reads, named after its field in upper case (`port`: PORT).
+
+    A derived default (a `default_factory` of the fields above it) says what it is in its
+    docstring's first line. Secrets are left out of `repr()`.
+    """
+
+    # A ValidationError raised past load_settings() never shows a value: it may be a token.
+    model_config = SettingsConfigDict(
+        frozen=True, alias_generator=str.upper, allow_inf_nan=False, hide_input_in_errors=True
+    )
+
+    database_url: str = Field(
+        "",
+        repr=False,  # may hold a password
+        description="PostgreSQL URL or key=value DSN (unset: libpq's `PG*`); its password is "
+        "never logged",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the service listens on")
+    web_concurrency: int = Field(
+        default_factory=_cpu_count, ge=1, le=256, description="gunicorn worker processes"
+    )
+    worker_connections: int = Field(
         1000,
-        1,
-        100_000,
-        "concurrent HTTP connections per worker (greenlets)",
-    ),
-    Variable(
-        "HTTP_HEAD_TIMEOUT",
-        float,
-        10.0,
-        0.1,
-        3600,
-        "seconds a client has to send a request's head (line and headers): from connect for "
-        "the first request, from its first byte for a later one; missed: the connection closes",
-    ),
-    Variable(
-        "HTTP_BODY_TIMEOUT",
-        float,
-        30.0,
-        0.1,
-        3600,
-        "seconds a client has to send a whole request body, from the end of its head",
-    ),
-    Variable(
-        "HTTP_KEEPALIVE_TIMEOUT",
-        int,
-        15,
-        0,
-        3600,
-        "seconds an idle keep-alive connection may wait for its next request (0: one request "
-        "per connection)",
-    ),
-    Variable(
-        "HTTP_WRITE_TIMEOUT",
-        float,
-        30.0,
-        0.1,
-        3600,
-        "seconds a client has to take a whole response, from its first byte",
-    ),
-    Variable(
-        "DRAIN_SECONDS",
-        float,
-        5.0,
-        0,
-        60,
-        "seconds a worker keeps serving after SIGTERM while /readyz answers 503, so that a load "
-        "balancer stops sending it requests; then it stops accepting and finishes those in "
-        "flight, within gunicorn's graceful_timeout (25 s) of the SIGTERM, of which the drain "
-        "must leave more than 3 s",
-    ),
-    Variable(
-        "DB_MAX_CONNECTIONS",
-        int,
+        ge=1,
+        le=100_000,
+        description="concurrent HTTP connections per worker",
+    )
+    db_max_connections: int = Field(
         20,
+        ge=1,
+        le=100_000,
+        description="server connections of this instance (all its workers)",
+    )
+    db_pool_max: int = Field(
+        default_factory=_default_pool_max, ge=1, le=10_000, description="connections per worker"
+    )
+    db_pool_min: int = Field(
+        default_factory=_default_pool_min,
+        ge=0,
+        le=10_000,
+        description="connections each worker opens at start (best effort)",
+    )
+    app_instances: int = Field(
         1,
-        100_000,
-        "server connections this instance may use in all, across its workers",
-    ),
-    Variable(
-        "DB_POOL_MAX",
-        int,
-        _default_pool_max,
-        1,
-        10_000,
-        "connections per worker (default: "
-        "max(1, min(WORKER_CONNECTIONS, DB_MAX_CONNECTIONS // WEB_CONCURRENCY)))",
-    ),
-    Variable(
-        "DB_POOL_MIN",
-        int,
-        lambda s: min(2, s["db_pool_max"]),
-        0,
-        10_000,
-        "connections each worker opens at start, best effort (default: min(2, DB_POOL_MAX))",
-    ),
-    Variable(
-        "APP_INSTANCES",
-        int,
-        1,
-        1,
-        10_000,
-        "instances of the service sharing the database server: at start, WEB_CONCURRENCY x "
-        "DB_POOL_MAX x APP_INSTANCES must fit in the server's max_connections",
-    ),
-    Variable(
-        "DB_POOL_TIMEOUT",
-        float,
+        ge=1,
+        le=10_000,
+        description="instances sharing the server (the budget checked at start)",
+    )
+    db_pool_timeout: float = Field(
         5.0,
-        0.001,
-        3600,
-        "seconds a request may wait for a free connection before it gets 503",
-    ),
-    Variable(
-        "DB_STATEMENT_TIMEOUT_MS",
-        int,
+        ge=0.001,
+        le=3600,
+        description="seconds a request may wait for a connection, then 503",
+    )
+    db_pool_max_waiting: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="requests per worker that may wait for a connection (0: no cap)",
+    )
+    db_statement_timeout_ms: int = Field(
         5000,
-        1,
-        86_400_000,
-        "milliseconds any statement may run before it is cancelled (503)",
-    ),
-    Variable(
-        "DB_POOL_MAX_WAITING",
-        int,
-        0,
-        0,
-        1_000_000,
-        "requests per worker that may wait for a connection; more get 503 at once (0: no cap)",
-    ),
-    Variable("DB_CONNECT_TIMEOUT", int, 5, 1, 3600, "seconds to establish a server connection"),
-    Variable(
-        "DB_POOL_MAX_LIFETIME",
-        float,
+        ge=1,
+        le=86_400_000,
+        description="milliseconds a statement may run, then it is cancelled (503)",
+    )
+    db_connect_timeout: int = Field(
+        5, ge=1, le=3600, description="seconds to open a server connection"
+    )
+    db_pool_max_lifetime: float = Field(
         3600.0,
-        1,
-        604_800,
-        "seconds after which a connection is replaced (with up to 10% jitter)",
-    ),
-    Variable(
-        "TRUSTED_PROXIES",
-        int,
+        ge=1,
+        le=604_800,
+        description="seconds before a connection is replaced (up to 10% jitter)",
+    )
+    # Validated before API_TOKENS, which adds this file's tokens to its own.
+    api_tokens_file: Path | None = Field(
+        None, description="a file of bearer tokens, one a line (`#`: a comment)"
+    )
+    api_tokens: tuple[str, ...] = Field(
+        (),
+        repr=False,  # secrets
+        description="bearer tokens, comma-separated (16+ printable ASCII each), with the file's: "
+        "`/users` needs one (else 401); none: the API is open",
+    )
+    metrics_port: int = Field(
         0,
-        0,
-        10,
-        "proxies in front of the service whose X-Forwarded-For and X-Forwarded-Proto are "
-        "trusted (a load balancer: 1); 0 ignores those headers",
-    ),
-    Variable(
-        "DB_POOL_LEAK_WARN_S",
-        float,
-        30.0,
-        0.001,
-        86_400,
-        "seconds a request may hold a connection before a warning logs the stack that holds it",
-    ),
-    Variable(
-        "REPLICA_POLL_INTERVAL_S",
-        float,
-        0.025,
-        0.005,
-        10,
-        "seconds between two reads of each replica's replay position, by each worker",
-    ),
-    Variable(
-        "REPLICA_MAX_LAG_S",
-        float,
+        ge=0,
+        le=65535,
+        description="a port for `/metrics` alone, then 404 on the public port (0: none)",
+    )
+    http_head_timeout: float = Field(
         10.0,
-        0.1,
-        3600,
-        "seconds a replica may lag behind the primary and stay in rotation: the oldest a read "
-        "without a token may be",
-    ),
-    Variable(
-        "REPLICA_CATCH_UP_S",
-        float,
-        0.1,
+        ge=0.1,
+        le=3600,
+        description="seconds to send a request's head, from connect or its first byte",
+    )
+    http_body_timeout: float = Field(
+        30.0, ge=0.1, le=3600, description="seconds to send a body, from the end of its head"
+    )
+    http_write_timeout: float = Field(
+        30.0, ge=0.1, le=3600, description="seconds to take a whole response"
+    )
+    http_keepalive_timeout: int = Field(
+        15,
+        ge=0,
+        le=3600,
+        description="seconds a keep-alive connection may idle (0: no keep-alive)",
+    )
+    # gunicorn.conf.py refuses a drain that leaves the requests in flight too little of
+    # gunicorn's graceful_timeout.
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="seconds a worker serves on after SIGTERM, `/readyz` answering 503",
+    )
+    trusted_proxies: int = Field(
         0,
-        10,
-        "seconds a read whose position no replica has replayed waits for one, then goes to the "
-        "primary",
-    ),
-)
+        ge=0,
+        le=10,
+        description="proxies in front whose `X-Forwarded-For`/`-Proto` are trusted (a load "
+        "balancer: 1)",
+    )
+    db_pool_leak_warn_s: float = Field(
+        30.0,
+        ge=0.001,
+        le=86_400,
+        description="seconds a connection may be held before its holder's stack is logged",
+    )
+    database_replica_urls: tuple[str, ...] = Field(
+        (),
+        repr=False,  # may hold passwords
+        description="streaming replicas' `postgresql://` URLs, space-separated, for reads",
+    )
+    replica_max_lag_s: float = Field(
+        10.0, ge=0.1, le=3600, description="a replica lagging more leaves the rotation"
+    )
+    replica_catch_up_s: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="a read ahead of every replica waits this long, then reads the primary",
+    )
+    replica_poll_interval_s: float = Field(
+        0.025,
+        ge=0.005,
+        le=10,
+        description="how often each worker reads each replica's replay position",
+    )
 
-
-# A bearer token shorter than this is refused: it could be guessed.
-TOKEN_MIN_LENGTH = 16
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str = field(repr=False)  # may hold a password: never printed
-    database_replica_urls: tuple[str, ...] = field(repr=False)  # likewise
-    api_tokens: tuple[str, ...] = field(repr=False)  # secrets: never printed
-    port: int
-    metrics_port: int
-    web_concurrency: int
-    worker_connections: int
-    http_head_timeout: float
-    http_body_timeout: float
-    http_keepalive_timeout: int
-    http_write_timeout: float
-    drain_seconds: float
-    db_max_connections: int
-    db_pool_max: int
-    db_pool_min: int
-    app_instances: int
-    db_pool_timeout: float
-    db_statement_timeout_ms: int
-    db_pool_max_waiting: int
-    db_connect_timeout: int
-    db_pool_max_lifetime: float
-    trusted_proxies: int
-    db_pool_leak_warn_s: float
-    replica_poll_interval_s: float
-    replica_max_lag_s: float
-    replica_catch_up_s: float
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The init arguments alone: `load_settings()`'s mapping (see the module doc)."""
+        return (init_settings,)
 
     @property
     def safe_database_url(self) -> str:
         """The DSN with any password replaced, fit for logs and responses."""
         return redact_dsn(self.database_url)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, url: str) -> str:
+        return _checked_url("DATABASE_URL", url)
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _replica_urls(cls, value: str | tuple[str, ...]) -> tuple[str, ...]:
+        """White space separates them: a URL may hold commas (libpq's several hosts)."""
+        urls = value.split() if isinstance(value, str) else value
+        for url in urls:
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ValueError(
+                    f"DATABASE_REPLICA_URLS holds {redact_dsn(url)!r}: accepted postgresql:// "
+                    "URLs separated by white space"
+                )
+            _checked_url("DATABASE_REPLICA_URLS", url)
+        if len(set(urls)) != len(urls):
+            raise ValueError("DATABASE_REPLICA_URLS names a replica twice")
+        return tuple(urls)
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _api_tokens(cls, value: str | tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """API_TOKENS' tokens and API_TOKENS_FILE's, together; a message names the variable,
+        never a token."""
+        given = value.split(",") if isinstance(value, str) else list(value)
+        path = info.data.get("api_tokens_file")
+        if path is not None:
+            try:
+                lines = path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"API_TOKENS_FILE={str(path)!r} cannot be read: {exc}") from None
+            given += [line for line in lines if not line.strip().startswith("#")]
+        tokens = [token.strip() for token in given if token.strip()]
+        for token in tokens:
+            if len(token) < TOKEN_MIN_LENGTH or not token.isascii() or not token.isprintable():
+                raise ValueError(
+                    f"API_TOKENS/API_TOKENS_FILE hold a token that is not {TOKEN_MIN_LENGTH} or "
+                    "more printable ASCII characters (the token is not shown)"
+                )
+            if any(char.isspace() for char in token):
+                raise ValueError("API_TOKENS/API_TOKENS_FILE hold a token with white space in it")
+        if (given or path is not None) and not tokens:
+            raise ValueError("API_TOKENS/API_TOKENS_FILE are set but hold no token")
+        return tuple(tokens)
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> Settings:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"METRICS_PORT={self.metrics_port} is PORT too: give /metrics its own")
+        return self
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> Settings:
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError(
+                f"DB_POOL_MIN={self.db_pool_min} is greater than DB_POOL_MAX={self.db_pool_max}"
+            )
+        # An explicit DB_POOL_MAX wins over the default budget, but not over an explicit one.
+        wanted = self.db_pool_max * self.web_concurrency
+        if "db_max_connections" in self.model_fields_set and wanted > self.db_max_connections:
+            raise ValueError(
+                f"DB_POOL_MAX={self.db_pool_max} x WEB_CONCURRENCY={self.web_concurrency} = "
+                f"{wanted} exceeds DB_MAX_CONNECTIONS={self.db_max_connections}; lower one or "
+                "raise the budget"
+            )
+        return self
+
+
+# Every variable the service reads, by name, with its field of Settings.
+VARIABLES: dict[str, FieldInfo] = {
+    name.upper(): field for name, field in Settings.model_fields.items()
+}
+
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Read every variable from `environ`; raise ConfigError on the first bad one."""
-    values: dict = {
-        "database_url": _database_url(environ),
-        "database_replica_urls": _replica_urls(environ),
-        "api_tokens": _api_tokens(environ),
-    }
-    for var in VARIABLES:
-        values[var.name.lower()] = _read(environ, var, values)
-    _check_ports(values)
-    _check_pool(environ, values)
-    return Settings(**values)
-
-
-def _read(environ: Mapping[str, str], var: Variable, so_far: dict) -> int | float:
-    raw = environ.get(var.name, "").strip()
-    if not raw:
-        default = var.default
-        return default(so_far) if callable(default) else default
+    """Read every variable of `VARIABLES` from `environ` and nothing else; a variable unset or
+    blank takes its default. Raise ConfigError naming every bad variable (one message each,
+    separated by "; ") and what it accepts."""
+    given = {name: environ[name].strip() for name in VARIABLES if environ.get(name, "").strip()}
     try:
-        value = var.kind(raw)
-    except ValueError:
-        raise ConfigError(f"{var.name}={raw!r} is not {_kind_name(var)}") from None
-    if not var.low <= value <= var.high:
-        raise ConfigError(f"{var.name}={raw} is out of range: {_range(var)}")
-    return value
+        return Settings(**given)
+    except ValidationError as exc:
+        messages = [_message(error) for error in exc.errors(include_url=False)]
+        raise ConfigError("; ".join(m for m in messages if m)) from None
 
 
-def _kind_name(var: Variable) -> str:
-    return "a whole number" if var.kind is int else "a number"
+def _message(error: ErrorDetails) -> str | None:
+    """The message of one of pydantic's errors, or None for a derived
+    default left unmade because a variable it derives from is bad (that one has its own)."""
+    if error["type"] == "default_factory_not_called":
+        return None
+    if error["type"] == "value_error":  # our validators' messages, which name the variable
+        return str(error["ctx"]["error"])
+    # Every other error is a number's: unparseable, infinite or out of bounds.
+    name = error["loc"][0]
+    field = VARIABLES[name]
+    if error["type"] in ("greater_than_equal", "less_than_equal"):
+        return f"{name}={error['input']} is out of range: accepted {accepted_range(field)}"
+    kind = "a whole number" if field.annotation is int else "a number"
+    return f"{name}={error['input']!r} is not {kind}: accepted {accepted_range(field)}"
 
 
-def _range(var: Variable) -> str:
-    return f"accepted {var.kind(var.low)} to {var.kind(var.high)}"
+def accepted_range(field: FieldInfo) -> str:
+    """'low to high' from a numeric field's bounds ('1 to 65535'), as messages and the README
+    say it; "" for a field without bounds."""
+    low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
+    return "" if low is None or high is None else f"{number(low)} to {number(high)}"
 
 
-def _check_ports(v: dict) -> None:
-    if v["metrics_port"] and v["metrics_port"] == v["port"]:
-        raise ConfigError(f"METRICS_PORT={v['metrics_port']} is PORT too: give /metrics its own")
-
-
-def _check_pool(environ: Mapping[str, str], v: dict) -> None:
-    if v["db_pool_min"] > v["db_pool_max"]:
-        raise ConfigError(
-            f"DB_POOL_MIN={v['db_pool_min']} is greater than DB_POOL_MAX={v['db_pool_max']}"
-        )
-    # An explicit DB_POOL_MAX wins over the default budget, but not over an explicit one.
-    wanted = v["db_pool_max"] * v["web_concurrency"]
-    if environ.get("DB_MAX_CONNECTIONS", "").strip() and wanted > v["db_max_connections"]:
-        raise ConfigError(
-            f"DB_POOL_MAX={v['db_pool_max']} x WEB_CONCURRENCY={v['web_concurrency']} = {wanted} "
-            f"exceeds DB_MAX_CONNECTIONS={v['db_max_connections']}; lower one or raise the budget"
-        )
-
-
-def _database_url(environ: Mapping[str, str]) -> str:
-    """DATABASE_URL, or "" so that libpq reads its PG* variables (PGHOST, PGUSER, ...)."""
-    return _checked_url("DATABASE_URL", environ.get("DATABASE_URL", "").strip())
-
-
-def _replica_urls(environ: Mapping[str, str]) -> tuple[str, ...]:
-    """DATABASE_REPLICA_URLS: streaming replicas' URLs, separated by white space (a URL may
-    hold commas: libpq's several hosts); () when unset, and every query goes to DATABASE_URL."""
-    urls = environ.get("DATABASE_REPLICA_URLS", "").split()
-    for url in urls:
-        if not url.startswith(("postgresql://", "postgres://")):
-            raise ConfigError(
-                f"DATABASE_REPLICA_URLS holds {redact_dsn(url)!r}: accepted postgresql:// URLs "
-                "separated by white space"
-            )
-        _checked_url("DATABASE_REPLICA_URLS", url)
-    if len(set(urls)) != len(urls):
-        raise ConfigError("DATABASE_REPLICA_URLS names a replica twice")
-    return tuple(urls)
+def number(value: float) -> str:
+    """A number as a person writes it: 3600, 0.025 (never 3600.0 or 3.6e+03)."""
+    return str(int(value)) if value == int(value) else str(value)
 
 
 def _checked_url(name: str, url: str) -> str:
@@ -348,7 +350,7 @@ def _checked_url(name: str, url: str) -> str:
         try:
             params = psycopg2.extensions.parse_dsn(url)
         except psycopg2.ProgrammingError:
-            raise ConfigError(
+            raise ValueError(
                 f"{name}={redact_dsn(url)!r} is not a valid PostgreSQL URL or DSN"
             ) from None
         # libpq parses the port only when it connects: `host:bad` would pass as a DSN and then
@@ -359,37 +361,11 @@ def _checked_url(name: str, url: str) -> str:
             not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
             for port in ports
         ):
-            raise ConfigError(
+            raise ValueError(
                 f"{name}={redact_dsn(url)!r} has port {params['port']!r}; accepted a "
                 "number from 1 to 65535 (one per host)"
             )
     return url
-
-
-def _api_tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
-    """The bearer tokens of API_TOKENS (comma-separated) and API_TOKENS_FILE (one a line; `#`
-    starts a comment line), together; () when neither is set, and the API is open. A message
-    names the variable, never a token."""
-    tokens = [token.strip() for token in environ.get("API_TOKENS", "").split(",")]
-    path = environ.get("API_TOKENS_FILE", "").strip()
-    if path:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"API_TOKENS_FILE={path!r} cannot be read: {exc}") from None
-        tokens += [line.strip() for line in lines if not line.strip().startswith("#")]
-    tokens = [token for token in tokens if token]
-    for token in tokens:
-        if len(token) < TOKEN_MIN_LENGTH or not token.isascii() or not token.isprintable():
-            raise ConfigError(
-                f"API_TOKENS/API_TOKENS_FILE hold a token that is not {TOKEN_MIN_LENGTH} or more "
-                "printable ASCII characters (the token is not shown)"
-            )
-        if any(char.isspace() for char in token):
-            raise ConfigError("API_TOKENS/API_TOKENS_FILE hold a token with white space in it")
-    if (environ.get("API_TOKENS", "").strip() or path) and not tokens:
-        raise ConfigError("API_TOKENS/API_TOKENS_FILE are set but hold no token")
-    return tuple(tokens)
 
 
 def redact_dsn(dsn: str) -> str:

@@ -230,9 +230,7 @@ class Gunicorn:
         inherited = {
             key: value
             for key, value in os.environ.items()
-            if key
-            not in {var.name for var in VARIABLES}
-            | {"DATABASE_URL", "DATABASE_REPLICA_URLS", "GUNICORN_CMD_ARGS"}
+            if key not in VARIABLES and key != "GUNICORN_CMD_ARGS"
         }
         self.env = {
             **inherited,

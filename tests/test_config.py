@@ -1,6 +1,9 @@
 """Settings are read once from a mapping, with defaults, and every bad value names its variable."""
 
+import re
+
 import pytest
+from pydantic import ValidationError
 
 from config import ConfigError, load_settings, redact_dsn
 
@@ -78,9 +81,50 @@ def test_a_database_url_with_good_ports_is_accepted(url):
     assert load_settings({"WEB_CONCURRENCY": "2", "DATABASE_URL": url}).database_url == url
 
 
-def test_out_of_range_message_says_what_is_accepted():
-    with pytest.raises(ConfigError, match="accepted 1 to 65535"):
-        load_settings({"PORT": "70000"})
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PORT": "70000"}, "PORT=70000 is out of range: accepted 1 to 65535"),
+        ({"PORT": "http"}, "PORT='http' is not a whole number: accepted 1 to 65535"),
+        (
+            {"DB_POOL_TIMEOUT": "nan"},
+            "DB_POOL_TIMEOUT='nan' is not a number: accepted 0.001 to 3600",
+        ),
+        ({"REPLICA_POLL_INTERVAL_S": "0.001"}, "accepted 0.005 to 10"),
+    ],
+)
+def test_a_bad_number_message_says_what_is_accepted(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings({"WEB_CONCURRENCY": "2", **env})
+
+
+def test_every_bad_variable_has_its_own_message():
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"PORT": "0", "WEB_CONCURRENCY": "many", "DB_POOL_TIMEOUT": "-1"})
+    assert str(refused.value).split("; ") == [
+        "PORT=0 is out of range: accepted 1 to 65535",
+        "WEB_CONCURRENCY='many' is not a whole number: accepted 1 to 256",
+        "DB_POOL_TIMEOUT=-1 is out of range: accepted 0.001 to 3600",
+    ]
+
+
+def test_a_blank_variable_takes_its_default():
+    assert load_settings({"WEB_CONCURRENCY": "2", "PORT": "  ", "DATABASE_URL": ""}).port == 8000
+
+
+def test_only_the_mapping_given_is_read(monkeypatch, tmp_path):
+    """pydantic-settings would read os.environ and a .env file itself: neither is a source."""
+    monkeypatch.setenv("PORT", "9999")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("DB_POOL_TIMEOUT=42\n")
+    settings = load_settings({"WEB_CONCURRENCY": "2"})
+    assert (settings.port, settings.db_pool_timeout) == (8000, 5.0)
+
+
+def test_settings_are_frozen():
+    settings = load_settings({"WEB_CONCURRENCY": "2"})
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.port = 9000
 
 
 @pytest.mark.parametrize(
