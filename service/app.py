@@ -36,7 +36,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # After logs: a refused request still gets its request id, access line and count. The
     # framing first, then the token: a stranger's body is never read.
     app.before_request(_require_host)
-    auth.register(app, frozenset({users.bp.name}))
+    guarded = app.extensions[openapi.GUARDED] = frozenset({users.bp.name})
+    auth.register(app, guarded)
     app.before_request(_read_whole_body)
     if replicas:
         consistency.register(app)

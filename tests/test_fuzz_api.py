@@ -22,8 +22,9 @@ from pgutil import fresh_database
 
 from config import load_settings
 from service.api.errors import ApiError
+from service.api.models import NAME_MAX, NAME_PATTERN, UserChange
+from service.api.operations import read_body
 from service.api.pagination import CURSOR_PATTERN, decode_cursor, encode_cursor
-from service.api.users import NAME_MAX, NAME_PATTERN, _read_fields
 from service.app import create_app
 from service.db import schema
 
@@ -107,11 +108,12 @@ def bare_app():
 @given(name=st.from_regex(NAME_PATTERN, fullmatch=True).filter(lambda n: len(n) <= NAME_MAX))
 def test_every_name_the_document_allows_is_accepted(bare_app, name):
     with bare_app.test_request_context(json={"name": name}):
-        assert _read_fields(required=False)["name"] == name.strip()
+        assert read_body(UserChange).name == name.strip()
 
 
 @given(name=st.text(max_size=NAME_MAX).filter(lambda n: not re.search(NAME_PATTERN, n)))
 def test_every_name_the_document_forbids_is_refused(bare_app, name):
     with bare_app.test_request_context(json={"name": name}), pytest.raises(ApiError) as refused:
-        _read_fields(required=False)
+        read_body(UserChange)
     assert refused.value.status == 422
+    assert refused.value.code == "invalid_name"

@@ -10,9 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from config import load_settings
 from service.api.errors import ApiError
-from service.api.pagination import BIGINT_MAX, MAX_LIMIT, decode_cursor, encode_cursor, parse_limit
-from service.api.users import EMAIL_MAX, NAME_MAX, _parse_id
+from service.api.models import EMAIL_MAX, NAME_MAX
+from service.api.operations import read_query
+from service.api.pagination import BIGINT_MAX, MAX_LIMIT, PageQuery, decode_cursor, encode_cursor
+from service.api.users import _parse_id
+from service.app import create_app
 
 ids = st.integers(min_value=1, max_value=BIGINT_MAX)
 texts = st.text(max_size=40) | st.text(string.ascii_letters + string.digits + "-_=:", max_size=40)
@@ -68,12 +72,18 @@ def test_any_other_cursor_is_refused_with_400(raw):
         assert encode_cursor(last_id) == raw  # only what the service itself hands out
 
 
+@pytest.fixture(scope="module")
+def bare_app():
+    return create_app(load_settings({"DATABASE_URL": "postgresql:///unused"}))
+
+
 @given(texts)
-def test_a_limit_is_1_to_500_or_refused_with_400(raw):
+def test_a_limit_is_1_to_500_or_refused_with_400(bare_app, raw):
     try:
-        limit = parse_limit(raw)
+        with bare_app.test_request_context(query_string={"limit": raw}):
+            limit = read_query(PageQuery).limit
     except ApiError as exc:
-        assert exc.status == 400
+        assert (exc.status, exc.code) == (400, "invalid_limit")
     else:
         assert 1 <= limit <= MAX_LIMIT and str(limit) == raw.lstrip("0")
 

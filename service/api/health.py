@@ -17,6 +17,8 @@ import gevent
 from flask import Blueprint, current_app
 
 from service.api.errors import RETRY_AFTER_S, error_response
+from service.api.models import Ready, Status
+from service.api.operations import Answer, route
 from service.db import DatabaseUnavailable, current_pool, current_replicas
 
 bp = Blueprint("health", __name__)
@@ -26,12 +28,25 @@ READY_DEADLINE_S = 1.0
 DRAINING = "service.api.health.draining"
 
 
-@bp.get("/healthz")
+@route(
+    bp,
+    "GET",
+    "/healthz",
+    summary="Liveness: the worker answers (never touches the database)",
+    answers={200: Answer("alive", Status)},
+)
 def healthz():
     return {"status": "ok"}
 
 
-@bp.get("/readyz")
+@route(
+    bp,
+    "GET",
+    "/readyz",
+    summary="Readiness: a pooled connection answers SELECT 1 within 1 s",
+    answers={200: Answer("ready", Ready)},
+    errors={503: "the database cannot be reached in time, or this instance is draining"},
+)
 def readyz():
     """200 when a pooled connection answers `SELECT 1` within one second, else 503; 503
     `draining` at once, without the query, once the worker is draining.

@@ -1,293 +1,179 @@
-"""The OpenAPI 3 document of the API, served at `/openapi.json`.
+"""The OpenAPI 3.1 document of the API, served at `/openapi.json`, generated from code.
 
-Written by hand next to the handlers it describes; a test checks that it is a valid OpenAPI
-document and that it names every route the app serves, so the two cannot drift apart.
+Each path and method comes from `app.url_map`, each operation from the route's declaration
+(service/api/operations.py), each schema from the pydantic models (service/api/models.py)
+through their JSON Schema, which OpenAPI 3.1 takes as it is. Nothing in it is written by hand,
+so it cannot drift from the routes: building it fails while a route the app serves has no
+declaration. It is built on the first request for it, once per app.
 """
 
 from __future__ import annotations
 
-from flask import Blueprint
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from service.api.pagination import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_LIMIT
-from service.api.users import EMAIL_MAX, NAME_MAX, NAME_PATTERN
+from flask import Blueprint, Flask, current_app
+from pydantic import BaseModel, Field, TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
+
+from service.api import operations
+from service.api.models import Error
+from service.api.operations import Answer, Header, Operation, route
+
+REF = "#/components/schemas/{model}"
+DOCUMENT = "service.api.openapi.document"
+# The app.extensions key of the blueprints whose routes need a bearer token when the service
+# has any (service/api/auth.py): set by create_app.
+GUARDED = "service.api.openapi.guarded"
+_INFO = {
+    "title": "service",
+    "version": "1.0.0",
+    "description": "Users over PostgreSQL, served by gunicorn gevent workers from a small pool"
+    " of connections per worker. Every error is JSON {error: {code, message}}.",
+}
+_BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "one of API_TOKENS, when the service sets any; else not required",
+}
+
+_RETRY_AFTER = Header("whole seconds to wait before retrying", Annotated[int, Field(ge=1)])
 
 bp = Blueprint("openapi", __name__)
 
 
-def _error(description: str, retry_after: bool = False) -> dict:
-    response = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    if retry_after:
-        response["headers"] = {
-            "Retry-After": {
-                "description": "whole seconds to wait before retrying",
-                "schema": {"type": "integer", "minimum": 1},
-            }
-        }
-    return response
-
-
-def _json(ref: str, description: str) -> dict:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
-    }
-
-
-_NAME = {
-    "type": "string",
-    "minLength": 1,
-    "maxLength": NAME_MAX,
-    "description": "not blank, no control characters; stored without surrounding white space",
-    "pattern": NAME_PATTERN,
-}
-_BUSY = _error("the database is busy, slow or unreachable: retry later", retry_after=True)
-_USER_ID = {
-    "name": "user_id",
-    "in": "path",
-    "required": True,
-    "description": "a user id; anything that is not one gives 404",
-    "schema": {"type": "string"},
-}
-_BODY_ERRORS = {
-    "400": _error("malformed JSON, or malformed chunked framing"),
-    "413": _error("body larger than 1 MiB"),
-    "415": _error("body is not application/json, or has a content coding (Accept-Encoding)"),
-    "422": _error("invalid field values, unknown or missing fields"),
-}
-
-DOCUMENT = {
-    "openapi": "3.0.3",
-    "info": {
-        "title": "service",
-        "version": "1.0.0",
-        "description": "Users over PostgreSQL, served by gunicorn gevent workers from a "
-        "small pool of connections per worker. Every error is JSON {error: {code, message}}.",
-    },
-    "paths": {
-        "/healthz": {
-            "get": {
-                "summary": "Liveness: the worker answers (never touches the database)",
-                "responses": {"200": _json("Status", "alive")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Readiness: a pooled connection answers SELECT 1 within 1 s",
-                "responses": {"200": _json("Ready", "ready"), "503": _BUSY},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics of every worker, added up: pool and HTTP requests",
-                "responses": {
-                    "200": {
-                        "description": "the metrics in Prometheus's text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {
-                    "200": {
-                        "description": "the OpenAPI document",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
-        "/users": {
-            "get": {
-                "summary": "List users, newest first, with keyset pagination",
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": MAX_LIMIT,
-                            "default": DEFAULT_LIMIT,
-                        },
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "description": "next_cursor of the previous page (opaque)",
-                        "schema": {"type": "string", "pattern": CURSOR_PATTERN},
-                    },
-                ],
-                "responses": {
-                    "200": _json("UserPage", "a page of users"),
-                    "400": _error("bad limit or cursor"),
-                    "503": _BUSY,
-                },
-            },
-            "post": {
-                "summary": "Create a user",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/NewUser"}}
-                    },
-                },
-                "responses": {
-                    "201": {
-                        **_json("User", "created"),
-                        "headers": {
-                            "Location": {
-                                "description": "/users/<id> of the new user",
-                                "schema": {"type": "string"},
-                            }
-                        },
-                    },
-                    **_BODY_ERRORS,
-                    "409": _error("email already taken"),
-                    "503": _BUSY,
-                },
-            },
-        },
-        "/users/{user_id}": {
-            "parameters": [_USER_ID],
-            "get": {
-                "summary": "One user",
-                "responses": {
-                    "200": _json("User", "the user"),
-                    "404": _error("no such user"),
-                    "503": _BUSY,
-                },
-            },
-            "patch": {
-                "summary": "Change name and/or email",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/UserChange"}}
-                    },
-                },
-                "responses": {
-                    "200": _json("User", "the changed user"),
-                    **_BODY_ERRORS,
-                    "404": _error("no such user"),
-                    "409": _error("email already taken"),
-                    "503": _BUSY,
-                },
-            },
-            "delete": {
-                "summary": "Delete a user",
-                "responses": {
-                    "204": {"description": "deleted"},
-                    "404": _error("no such user"),
-                    "503": _BUSY,
-                },
-            },
-        },
-    },
-    "components": {
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {
-                    "error": {
-                        "type": "object",
-                        "required": ["code", "message"],
-                        "properties": {
-                            "code": {"type": "string"},
-                            "message": {"type": "string"},
-                            "request_id": {"type": "string"},
-                        },
-                    }
-                },
-            },
-            "Status": {
-                "type": "object",
-                "required": ["status"],
-                "properties": {"status": {"type": "string", "enum": ["ok"]}},
-            },
-            "Ready": {
-                "type": "object",
-                "required": ["status", "pool"],
-                "properties": {
-                    "status": {"type": "string", "enum": ["ok"]},
-                    "pool": {
-                        "type": "object",
-                        "required": ["max", "size", "in_use", "idle", "waiting"],
-                        "properties": {
-                            key: {"type": "integer", "minimum": 0}
-                            for key in ("max", "size", "in_use", "idle", "waiting")
-                        },
-                    },
-                },
-            },
-            "User": {
-                "type": "object",
-                "required": ["id", "name", "email", "created_at"],
-                "additionalProperties": False,
-                "properties": {
-                    "id": {"type": "integer", "format": "int64", "minimum": 1},
-                    "name": _NAME,
-                    "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
-                    "created_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "NewUser": {
-                "type": "object",
-                "required": ["name", "email"],
-                "additionalProperties": False,
-                "properties": {
-                    "name": _NAME,
-                    "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
-                },
-            },
-            "UserChange": {
-                "type": "object",
-                "minProperties": 1,
-                "additionalProperties": False,
-                "properties": {
-                    "name": _NAME,
-                    "email": {"type": "string", "format": "email", "maxLength": EMAIL_MAX},
-                },
-            },
-            "UserPage": {
-                "type": "object",
-                "required": ["users", "next_cursor"],
-                "properties": {
-                    "users": {"type": "array", "items": {"$ref": "#/components/schemas/User"}},
-                    "next_cursor": {"type": "string", "nullable": True, "pattern": CURSOR_PATTERN},
-                },
-            },
-        }
-    },
-}
-
-
-def _declare_bearer_tokens(document: dict) -> None:
-    """With API_TOKENS set, every /users operation needs a bearer token (service/api/auth.py);
-    unset, the API is open: hence the empty alternative in each `security`."""
-    document["components"]["securitySchemes"] = {
-        "bearerAuth": {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "one of API_TOKENS, when the service sets any; else not required",
-        }
-    }
-    for path, item in document["paths"].items():
-        if path.startswith("/users"):
-            for method, operation in item.items():
-                if method != "parameters":
-                    operation["security"] = [{"bearerAuth": []}, {}]
-                    operation["responses"]["401"] = _error("no bearer token, or not a valid one")
-
-
-_declare_bearer_tokens(DOCUMENT)
-
-
-@bp.get("/openapi.json")
+@route(
+    bp,
+    "GET",
+    "/openapi.json",
+    summary="This document",
+    answers={200: Answer("the OpenAPI document", dict[str, Any])},
+)
 def openapi():
-    return DOCUMENT
+    document = current_app.extensions.get(DOCUMENT)
+    if document is None:  # pure computation, no yield: concurrent first requests build alike
+        document = current_app.extensions[DOCUMENT] = build(
+            current_app, current_app.extensions.get(GUARDED, frozenset())
+        )
+    return document
+
+
+class _Schemas(GenerateJsonSchema):
+    """pydantic's JSON Schema without titles (the component's name is one) and without the
+    `default: null` of a field left out: such a field is absent, and null is not a value of
+    it."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        if schema.get("default", ...) is None:
+            return self.generate_inner(schema["schema"])
+        return super().default_schema(schema)
+
+
+def build(app: Flask, guarded: frozenset[str] = frozenset()) -> dict:
+    """The document of every route `app` serves; a route of a blueprint in `guarded` needs a
+    bearer token (401) when the service has any. ValueError names a route without a
+    declaration."""
+    declared = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        operation = operations.declared(app.view_functions[rule.endpoint])
+        if operation is None:
+            raise ValueError(f"{rule.rule} has no declaration (service/api/operations.py)")
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        declared.append((path, rule.endpoint, operation))
+    models = {Error}
+    for _, _, operation in declared:
+        models |= {answer.model for answer in operation.answers.values()}
+        models.add(operation.body)
+    models = {model for model in models if isinstance(model, type) and issubclass(model, BaseModel)}
+    refs, defs = models_json_schema(
+        [(model, "validation") for model in sorted(models, key=lambda model: model.__name__)],
+        ref_template=REF,
+        schema_generator=_Schemas,
+    )
+    schemas = {model: refs[model, "validation"] for model in models}
+    paths: dict[str, dict] = {}
+    for path, endpoint, operation in declared:
+        secured = endpoint.partition(".")[0] in guarded
+        item = paths.setdefault(path, {})
+        item[operation.method.lower()] = _operation(endpoint, operation, schemas, secured)
+    document = {"openapi": "3.1.0", "info": _INFO, "paths": paths}
+    document["components"] = {"schemas": defs["$defs"]}
+    if guarded:
+        document["components"]["securitySchemes"] = {"bearerAuth": _BEARER}
+    return document
+
+
+def _operation(endpoint: str, operation: Operation, schemas: dict, secured: bool) -> dict:
+    described: dict[str, Any] = {
+        "operationId": endpoint.rpartition(".")[2],
+        "summary": operation.summary,
+    }
+    text = TypeAdapter(str).json_schema()
+    parameters = [
+        {"name": name, "in": "path", "required": True, "description": description}
+        | {"schema": text}
+        for name, description in operation.path.items()
+    ]
+    if operation.query is not None:
+        parameters += _query_parameters(operation.query)
+    if parameters:
+        described["parameters"] = parameters
+    if operation.body is not None:
+        content = {"application/json": {"schema": schemas[operation.body]}}
+        described["requestBody"] = {"required": True, "content": content}
+    responses = {status: _answer(answer, schemas) for status, answer in operation.answers.items()}
+    errors = dict(operation.errors)
+    if secured:
+        described["security"] = [{"bearerAuth": []}, {}]  # {}: no token when none is set
+        errors[401] = "no bearer token, or not a valid one"
+    for status, description in errors.items():
+        responses[status] = _error(status, description, schemas[Error])
+    described["responses"] = {str(status): responses[status] for status in sorted(responses)}
+    return described
+
+
+def _query_parameters(query: type[BaseModel]) -> list[dict]:
+    schema = query.model_json_schema(ref_template=REF, schema_generator=_Schemas)
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, field_schema in schema["properties"].items():
+        field_schema = dict(field_schema)
+        parameter = {"name": name, "in": "query", "required": name in required}
+        if "description" in field_schema:
+            parameter["description"] = field_schema.pop("description")
+        parameters.append(parameter | {"schema": field_schema})
+    return parameters
+
+
+def _answer(answer: Answer, schemas: dict) -> dict:
+    described: dict[str, Any] = {"description": answer.description}
+    if answer.headers:
+        described["headers"] = _headers(answer.headers)
+    if answer.model is not None:
+        schema = schemas.get(answer.model) or TypeAdapter(answer.model).json_schema()
+        described["content"] = {answer.media_type: {"schema": schema}}
+    return described
+
+
+def _error(status: int, description: str, schema: dict) -> dict:
+    described: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if status == 503:
+        described["headers"] = _headers({"Retry-After": _RETRY_AFTER})
+    return described
+
+
+def _headers(headers: Mapping[str, Header]) -> dict:
+    return {
+        name: {"description": header.description, "schema": TypeAdapter(header.type).json_schema()}
+        for name, header in headers.items()
+    }

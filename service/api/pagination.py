@@ -3,6 +3,10 @@
 A cursor names the last row a page showed (newest first, by id), so the next page starts
 strictly after it: rows inserted between two requests can neither push a row onto a second
 page nor hide one. The cursor is base64 text with a version tag; clients must not parse it.
+
+`PageQuery` declares both parameters for a route (service/api/operations.py): it refuses a
+limit that is not a whole number from 1 to MAX_LIMIT, or a cursor that does not match
+CURSOR_PATTERN, with 400; `decode_cursor` then finds the id a matching cursor names.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from service.api.errors import ApiError
 
@@ -34,12 +42,29 @@ CURSOR_PATTERN = (
 )
 
 
-def parse_limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_LIMIT
-    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise ApiError(400, "invalid_limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    return int(raw)
+PageCursor = Annotated[str, Field(pattern=CURSOR_PATTERN)]
+
+
+def _whole_number(raw: object) -> object:
+    """A query parameter's text as a number: ASCII digits alone (no sign, space or point)."""
+    if isinstance(raw, str):
+        if not re.fullmatch(r"[0-9]{1,4}", raw):
+            raise ValueError("not a whole number")
+        return int(raw)
+    return raw
+
+
+class PageQuery(BaseModel):
+    """The query parameters of a list route; any other parameter is ignored."""
+
+    model_config = ConfigDict(strict=True)
+
+    limit: Annotated[int, BeforeValidator(_whole_number)] = Field(
+        DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=f"a whole number from 1 to {MAX_LIMIT}"
+    )
+    cursor: PageCursor | SkipJsonSchema[None] = Field(
+        None, description="the next_cursor of a previous page, as this service returned it"
+    )
 
 
 def encode_cursor(last_id: int) -> str:

@@ -1,6 +1,9 @@
 """The users resource: `/users` and `/users/<id>`.
 
-Input is checked completely before any SQL runs, so bad input stores nothing. Every request
+Each route is one declaration (service/api/operations.py): its body and query are validated
+by the models of service/api/models.py and service/api/pagination.py, and the same
+declaration documents it in /openapi.json. Input is checked completely before any SQL runs,
+so bad input stores nothing. Every request
 is one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
 
 `GET /users/<id>`, `GET /users`, `POST /users` and `PATCH /users/<id>` go through batch
@@ -58,11 +61,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg2.errors
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app
 
 from service.api import client
 from service.api.errors import ApiError
-from service.api.pagination import BIGINT_MAX, decode_cursor, encode_cursor, parse_limit
+from service.api.models import NewUser, User, UserChange, UserPage
+from service.api.operations import BUSY, Answer, Header, route
+from service.api.pagination import BIGINT_MAX, PageQuery, decode_cursor, encode_cursor
 from service.db import (
     ClientGone,
     Cursor,
@@ -84,16 +89,10 @@ CREATES = "service.api.users.creates"
 UPDATES = "service.api.users.updates"
 
 PAGES_PER_QUERY = 50  # requests; a page asked twice is fetched once
-NAME_MAX = 200
-EMAIL_MAX = 254
-FIELDS = ("name", "email")
 _COLUMNS = "id, name, email, created_at"
-_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+")
-_CONTROL_CHARS = r"\x00-\x1f\x7f-\x9f"  # C0, DEL and C1
-_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
-# What _read_fields() accepts as a name, as a regular expression for the OpenAPI document: no
-# control character, and something besides white space.
-NAME_PATTERN = rf"^[^{_CONTROL_CHARS}]*[^\s{_CONTROL_CHARS}][^{_CONTROL_CHARS}]*$"
+_USER_ID = {"user_id": "a user id; anything that is not one gives 404"}
+_TAKEN = {409: "email already taken"}
+_NO_USER = {404: "no such user"}
 
 
 # A batch statement that fails with one of these (SQLSTATE: unique violation, serialization
@@ -106,10 +105,10 @@ class _Write:
 
     __slots__ = ("email", "name", "sock", "uid")
 
-    def __init__(self, uid: int | None, fields: dict[str, str]) -> None:
+    def __init__(self, uid: int | None, name: str | None, email: str | None) -> None:
         self.uid = uid
-        self.name = fields.get("name")
-        self.email = fields.get("email")
+        self.name = name
+        self.email = email
         self.sock = client.socket_of_request()  # its client's, to see whether it hung up
 
 
@@ -117,17 +116,32 @@ class _Alone(Exception):
     """Its batch could not make this write: its request makes it alone."""
 
 
-@bp.post("")
-def create_user():
-    fields = _read_fields(required=True)
-    user = _write(CREATES, _Write(None, fields), _insert_one)
+@route(
+    bp,
+    "POST",
+    "",
+    summary="Create a user",
+    body=NewUser,
+    answers={201: Answer("created", User, headers={"Location": Header("/users/<id> of it")})},
+    errors=_TAKEN | BUSY,
+)
+def create_user(body: NewUser):
+    user = _write(CREATES, _Write(None, body.name, body.email), _insert_one)
     return user, 201, {"Location": f"/users/{user['id']}"}
 
 
-@bp.get("")
-def list_users():
-    limit = parse_limit(request.args.get("limit"))
-    after = decode_cursor(request.args.get("cursor"))
+@route(
+    bp,
+    "GET",
+    "",
+    summary="List users, newest first, with keyset pagination",
+    query=PageQuery,
+    answers={200: Answer("a page of users", UserPage)},
+    errors=BUSY,
+)
+def list_users(query: PageQuery):
+    limit = query.limit
+    after = decode_cursor(query.cursor)
     # Ids up to `upto`: the page after the cursor's id, or the newest when there is no cursor.
     upto = BIGINT_MAX if after is None else after - 1
     rows = current_app.extensions[PAGES].get((upto, limit + 1))
@@ -136,7 +150,15 @@ def list_users():
     return {"users": page, "next_cursor": next_cursor}
 
 
-@bp.get("/<user_id>")
+@route(
+    bp,
+    "GET",
+    "/<user_id>",
+    summary="One user",
+    path=_USER_ID,
+    answers={200: Answer("the user", User)},
+    errors=_NO_USER | BUSY,
+)
 def get_user(user_id: str):
     uid = _parse_id(user_id)
     return _found(current_app.extensions[LOADER].get(uid))
@@ -256,11 +278,19 @@ def _page_rows(db: Cursor, pages: list[tuple[int, int]]) -> dict:
     return rows
 
 
-@bp.patch("/<user_id>")
-def update_user(user_id: str):
+@route(
+    bp,
+    "PATCH",
+    "/<user_id>",
+    summary="Change name and/or email",
+    path=_USER_ID,
+    body=UserChange,
+    answers={200: Answer("the changed user", User)},
+    errors=_NO_USER | _TAKEN | BUSY,
+)
+def update_user(user_id: str, body: UserChange):
     uid = _parse_id(user_id)
-    fields = _read_fields(required=False)
-    return _found(_write(UPDATES, _Write(uid, fields), _update_one))
+    return _found(_write(UPDATES, _Write(uid, body.name, body.email), _update_one))
 
 
 def _write(loader: str, write: _Write, alone: Callable[[Cursor, _Write], dict | None]):
@@ -377,7 +407,15 @@ def _alone_on_conflict() -> Iterator[None]:
         raise
 
 
-@bp.delete("/<user_id>")
+@route(
+    bp,
+    "DELETE",
+    "/<user_id>",
+    summary="Delete a user",
+    path=_USER_ID,
+    answers={204: Answer("deleted")},
+    errors=_NO_USER | BUSY,
+)
 def delete_user(user_id: str):
     uid = _parse_id(user_id)
     with get_db(autocommit=True) as db:
@@ -403,48 +441,6 @@ def _found(row: dict | None) -> dict:
 
 def _not_found() -> ApiError:
     return ApiError(404, "not_found", "no such user")
-
-
-def _read_fields(required: bool) -> dict[str, str]:
-    """The validated fields of the JSON body: all of them to create, at least one to update."""
-    try:
-        body = request.get_json()  # 415 when not JSON, 400 when malformed, 413 when over 1 MiB
-    except RecursionError:  # valid JSON nested deeper than the parser goes: still the client's
-        raise ApiError(400, "bad_request", "the JSON body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, "invalid_body", "the body must be a JSON object")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise ApiError(422, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
-    missing = [name for name in FIELDS if name not in body]
-    if required and missing:
-        raise ApiError(422, "missing_field", f"missing field(s): {', '.join(missing)}")
-    if not body:
-        raise ApiError(422, "missing_field", "give name, email or both")
-    fields = {}
-    if "name" in body:
-        fields["name"] = _text(body["name"], "name", NAME_MAX).strip()
-        if not fields["name"]:
-            raise ApiError(422, "invalid_name", "name must not be blank")
-    if "email" in body:
-        fields["email"] = _text(body["email"], "email", EMAIL_MAX)
-        if not _EMAIL.fullmatch(fields["email"]):
-            raise ApiError(422, "invalid_email", "email must look like name@example.com")
-    return fields
-
-
-def _text(value, field: str, max_len: int) -> str:
-    if not isinstance(value, str):
-        raise ApiError(422, f"invalid_{field}", f"{field} must be a string")
-    if not 1 <= len(value) <= max_len:
-        raise ApiError(422, f"invalid_{field}", f"{field} must be 1 to {max_len} characters")
-    if _CONTROL.search(value):
-        raise ApiError(422, f"invalid_{field}", f"{field} must not contain control characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate such as "\ud800" cannot be stored
-        raise ApiError(422, f"invalid_{field}", f"{field} is not valid Unicode text") from None
-    return value
 
 
 @contextmanager
