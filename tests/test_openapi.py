@@ -10,6 +10,7 @@ validates at run time).
 import re
 
 import pytest
+from flask import Blueprint
 from gunicorn_proc import free_port
 from openapi_schema_validator import OAS31Validator
 from openapi_schema_validator import validate as validate_instance
@@ -17,6 +18,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from service import db
 from service.api.openapi import build
+from service.api.operations import route
 from service.app import create_app
 
 UNDOCUMENTED_METHODS = {"HEAD", "OPTIONS"}
@@ -78,6 +80,19 @@ def test_a_route_without_a_declaration_stops_the_document(make_settings):
     app = create_app(make_settings())
     app.add_url_rule("/undeclared", view_func=lambda: "")
     with pytest.raises(ValueError, match="/undeclared has no declaration"):
+        build(app)
+
+
+def test_a_description_of_a_parameter_the_route_lacks_stops_the_document(make_settings):
+    app = create_app(make_settings())
+    extra = Blueprint("extra", __name__)
+
+    @route(extra, "GET", "/extra/<item>", summary="x", answers={}, path={"id": "no such"})
+    def extra_item(item: str):
+        return ""
+
+    app.register_blueprint(extra)
+    with pytest.raises(ValueError, match="/extra/<item> has no parameter id"):
         build(app)
 
 

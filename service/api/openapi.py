@@ -87,6 +87,9 @@ def build(app: Flask, guarded: frozenset[str] = frozenset()) -> dict:
             raise ValueError(f"{rule.rule} has no declaration (service/api/operations.py)")
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         declared.append((path, rule.endpoint, operation))
+        undescribed = set(operation.path) - rule.arguments
+        if undescribed:
+            raise ValueError(f"{rule.rule} has no parameter {', '.join(sorted(undescribed))}")
     models = {Error}
     for _, _, operation in declared:
         models |= {answer.model for answer in operation.answers.values()}
@@ -102,7 +105,7 @@ def build(app: Flask, guarded: frozenset[str] = frozenset()) -> dict:
     for path, endpoint, operation in declared:
         secured = endpoint.partition(".")[0] in guarded
         item = paths.setdefault(path, {})
-        item[operation.method.lower()] = _operation(endpoint, operation, schemas, secured)
+        item[operation.method.lower()] = _operation(path, endpoint, operation, schemas, secured)
     document = {"openapi": "3.1.0", "info": _INFO, "paths": paths}
     document["components"] = {"schemas": defs["$defs"]}
     if guarded:
@@ -110,17 +113,14 @@ def build(app: Flask, guarded: frozenset[str] = frozenset()) -> dict:
     return document
 
 
-def _operation(endpoint: str, operation: Operation, schemas: dict, secured: bool) -> dict:
+def _operation(
+    path: str, endpoint: str, operation: Operation, schemas: dict, secured: bool
+) -> dict:
     described: dict[str, Any] = {
         "operationId": endpoint.rpartition(".")[2],
         "summary": operation.summary,
     }
-    text = TypeAdapter(str).json_schema()
-    parameters = [
-        {"name": name, "in": "path", "required": True, "description": description}
-        | {"schema": text}
-        for name, description in operation.path.items()
-    ]
+    parameters = [_path_parameter(name, operation) for name in re.findall(r"{([^}]+)}", path)]
     if operation.query is not None:
         parameters += _query_parameters(operation.query)
     if parameters:
@@ -137,6 +137,13 @@ def _operation(endpoint: str, operation: Operation, schemas: dict, secured: bool
         responses[status] = _error(status, description, schemas[Error])
     described["responses"] = {str(status): responses[status] for status in sorted(responses)}
     return described
+
+
+def _path_parameter(name: str, operation: Operation) -> dict:
+    parameter = {"name": name, "in": "path", "required": True}
+    if name in operation.path:
+        parameter["description"] = operation.path[name]
+    return parameter | {"schema": TypeAdapter(str).json_schema()}
 
 
 def _query_parameters(query: type[BaseModel]) -> list[dict]:

@@ -1,8 +1,9 @@
 """One declaration per route: its method and path, what it reads and what it answers.
 
 `route()` registers a view on a blueprint, as Flask's `bp.get()` does, and records its
-`Operation`: a summary, the model of its JSON body and of its query parameters (pydantic), the
-description of each path parameter, and each status it answers with its model and headers.
+`Operation`: a summary, the model of its JSON body and of its query parameters (pydantic), a
+description of its path parameters (each is documented, as text, described or not), and each
+status it answers with its model and headers.
 That one declaration both
 
 * validates: the view is called with `body=` and `query=`, instances of those models that
@@ -78,7 +79,7 @@ class Operation:
     errors: Mapping[int, str]  # status: description; each answers service.api.models.Error
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
-    path: Mapping[str, str] = field(default_factory=dict)  # parameter: description
+    path: Mapping[str, str] = field(default_factory=dict)  # description of a path parameter
 
 
 _DECLARED: dict[Callable[..., Any], Operation] = {}
