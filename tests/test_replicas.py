@@ -17,6 +17,7 @@ import time
 import gevent
 import pytest
 from gunicorn_proc import Gunicorn, request, scrape_metrics, wait_until
+from openapi_schema_validator import OAS31Validator, validate
 
 from service.api.consistency import HEADER, decode
 
@@ -96,6 +97,15 @@ def test_reads_run_on_the_replicas_and_the_access_line_names_the_server(service,
         if name == "db_reads_total" and dict(labels)["server"] != "primary"
     )
     assert on_replicas >= 30
+
+
+def test_readyz_names_each_replica_as_the_openapi_document_says(service, replicated):
+    document = request(service.port, "GET", "/openapi.json").json
+    ready = request(service.port, "GET", "/readyz").json
+    assert set(ready["replicas"]) == {label(r) for r in replicated.replicas}
+    answer = document["paths"]["/readyz"]["get"]["responses"]["200"]
+    schema = answer["content"]["application/json"]["schema"]
+    validate(ready, {**schema, "components": document["components"]}, cls=OAS31Validator)
 
 
 def test_every_read_of_a_batch_names_its_server_in_the_access_line(service, replicated):

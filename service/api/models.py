@@ -129,8 +129,19 @@ class PoolStats(BaseModel):
     waiting: Annotated[int, Field(ge=0)]
 
 
+class ReplicaState(BaseModel):
+    state: Literal["up", "down", "lagging", "promoted", "joining"]
+    lag_bytes: int
+    lag_seconds: float
+
+
 class Ready(BaseModel):
     """`/readyz`'s answer: the worker's pool (and, with replicas, each replica's state)."""
 
     status: Literal["ok"]
     pool: PoolStats
+    replicas: dict[str, ReplicaState] | SkipJsonSchema[None] = Field(
+        None,
+        description="with DATABASE_REPLICA_URLS: each replica as this worker last saw it, by"
+        " its label",
+    )
