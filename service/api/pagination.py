@@ -4,9 +4,11 @@ A cursor names the last row a page showed (newest first, by id), so the next pag
 strictly after it: rows inserted between two requests can neither push a row onto a second
 page nor hide one. The cursor is base64 text with a version tag; clients must not parse it.
 
-`PageQuery` declares both parameters for a route (service/api/operations.py): it refuses a
-limit that is not a whole number from 1 to MAX_LIMIT, or a cursor that does not match
-CURSOR_PATTERN, with 400; `decode_cursor` then finds the id a matching cursor names.
+`PageQuery` declares both parameters for a route (service/api/operations.py): it refuses, with
+400, a limit that is not a whole number from 1 to MAX_LIMIT, or a cursor that is not exactly
+one `encode_cursor` gives, and hands the route the id the cursor names. The document gives
+CURSOR_PATTERN for the cursor: the cursors of ids below 10**18 (those of larger ids, up to
+2**63-1, are accepted too).
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ import binascii
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
-
-from service.api.errors import ApiError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -54,6 +53,28 @@ def _whole_number(raw: object) -> object:
     return raw
 
 
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> int:
+    """The id after which the page starts; ValueError unless `raw` is exactly a cursor that
+    encode_cursor() gives."""
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        text = ""
+    match = _CURSOR.fullmatch(text)
+    # Only the exact text encode_cursor() gives: lenient base64 would take added characters.
+    if not match or int(match[1]) > BIGINT_MAX or encode_cursor(int(match[1])) != raw:
+        raise ValueError("not a cursor this service returned")
+    return int(match[1])
+
+
+# Validated as decode_cursor() decodes; documented by the pattern of the cursors it gives.
+CursorId = Annotated[int, PlainValidator(decode_cursor, json_schema_input_type=PageCursor)]
+
+
 class PageQuery(BaseModel):
     """The query parameters of a list route; any other parameter is ignored."""
 
@@ -62,25 +83,7 @@ class PageQuery(BaseModel):
     limit: Annotated[int, BeforeValidator(_whole_number)] = Field(
         DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=f"a whole number from 1 to {MAX_LIMIT}"
     )
-    cursor: PageCursor | SkipJsonSchema[None] = Field(
+    # The id the cursor names; None: the first page.
+    cursor: CursorId = Field(
         None, description="the next_cursor of a previous page, as this service returned it"
     )
-
-
-def encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(raw: str | None) -> int | None:
-    """The id after which the page starts, or None for the first page; 400 when malformed."""
-    if raw is None:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeError, ValueError):
-        text = ""
-    match = _CURSOR.fullmatch(text)
-    # Only the exact text encode_cursor() gives: lenient base64 would take added characters.
-    if not match or int(match[1]) > BIGINT_MAX or encode_cursor(int(match[1])) != raw:
-        raise ApiError(400, "invalid_cursor", "cursor is not one this service returned")
-    return int(match[1])

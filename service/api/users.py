@@ -67,7 +67,7 @@ from service.api import client
 from service.api.errors import ApiError
 from service.api.models import NewUser, User, UserChange, UserPage
 from service.api.operations import BUSY, Answer, Header, route
-from service.api.pagination import BIGINT_MAX, PageQuery, decode_cursor, encode_cursor
+from service.api.pagination import BIGINT_MAX, PageQuery, encode_cursor
 from service.db import (
     ClientGone,
     Cursor,
@@ -140,8 +140,7 @@ def create_user(body: NewUser):
     errors=BUSY,
 )
 def list_users(query: PageQuery):
-    limit = query.limit
-    after = decode_cursor(query.cursor)
+    limit, after = query.limit, query.cursor
     # Ids up to `upto`: the page after the cursor's id, or the newest when there is no cursor.
     upto = BIGINT_MAX if after is None else after - 1
     rows = current_app.extensions[PAGES].get((upto, limit + 1))
