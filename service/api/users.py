@@ -3,8 +3,8 @@
 Each route is one declaration (service/api/operations.py): its body and query are validated
 by the models of service/api/models.py and service/api/pagination.py, and the same
 declaration documents it in /openapi.json. Input is checked completely before any SQL runs,
-so bad input stores nothing. Every request
-is one statement, so each uses `get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
+so bad input stores nothing. Every request is one statement, so each uses
+`get_db(autocommit=True)`: one round trip, no BEGIN or COMMIT.
 
 `GET /users/<id>`, `GET /users`, `POST /users` and `PATCH /users/<id>` go through batch
 loaders of the worker (service/db/batch.py), so that under load concurrent requests of one
@@ -93,6 +93,7 @@ _COLUMNS = "id, name, email, created_at"
 _USER_ID = {"user_id": "a user id; anything that is not one gives 404"}
 _TAKEN = {409: "email already taken"}
 _NO_USER = {404: "no such user"}
+_LOCATION = Header("/users/<id> of the new user")
 
 
 # A batch statement that fails with one of these (SQLSTATE: unique violation, serialization
@@ -122,7 +123,7 @@ class _Alone(Exception):
     "",
     summary="Create a user",
     body=NewUser,
-    answers={201: Answer("created", User, headers={"Location": Header("/users/<id> of it")})},
+    answers={201: Answer("created", User, headers={"Location": _LOCATION})},
     errors=_TAKEN | BUSY,
 )
 def create_user(body: NewUser):
