@@ -21,6 +21,7 @@ from pydantic_core import core_schema
 from service.api import operations
 from service.api.models import Error
 from service.api.operations import Answer, Header, Operation, route
+from service.observability import metrics
 
 REF = "#/components/schemas/{model}"
 DOCUMENT = "service.api.openapi.document"
@@ -42,6 +43,13 @@ _BEARER = {
 _RETRY_AFTER = Header("whole seconds to wait before retrying", Annotated[int, Field(ge=1)])
 
 bp = Blueprint("openapi", __name__)
+
+operations.declare(
+    metrics.metrics,
+    "GET",
+    summary="Prometheus metrics of every worker, added up: pool and HTTP requests",
+    answers={200: Answer("the metrics in Prometheus's text format", str, "text/plain")},
+)
 
 
 @route(

@@ -116,6 +116,12 @@ def route(
     return declare
 
 
+def declare(view: Callable[..., Any], method: str, *, summary: str, answers: Mapping[int, Answer]):
+    """Document `view`, which a lower layer registered itself (service/observability's
+    `/metrics` may not import the API layer): it reads neither a body nor a query."""
+    _DECLARED[view] = Operation(method, summary, answers, {})
+
+
 def declared(view: Callable[..., Any]) -> Operation | None:
     """The operation `route()` declared for a view the app serves, or None."""
     return _DECLARED.get(view)

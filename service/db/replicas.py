@@ -461,9 +461,7 @@ class ReadCursor:
         # The pool hands back the failed connection, raising its error translated: the error
         # this move is already answering.
         with suppress(psycopg2.Error, DatabaseUnavailable, TransactionConflict):
-            self._lent.__exit__(
-                type(exc) if exc else None, exc, exc.__traceback__ if exc else None
-            )
+            self._lent.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
         self._open(at_least, left)
 
     def execute(self, query, vars=None):

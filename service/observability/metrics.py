@@ -30,7 +30,6 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 from werkzeug.exceptions import NotFound
 
-from service.api.operations import Answer, route
 from service.observability import logs
 
 # prometheus_client chose its mode from this variable when it was imported; so do we.
@@ -259,13 +258,7 @@ def _observe(response: Response) -> Response:
     return response
 
 
-@route(
-    bp,
-    "GET",
-    METRICS_PATH,
-    summary="Prometheus metrics of every worker, added up: pool and HTTP requests",
-    answers={200: Answer("the metrics in Prometheus's text format", str, "text/plain")},
-)
+@bp.get(METRICS_PATH)  # documented by service/api/openapi.py
 def metrics():
     """Every worker's metrics, added up, in Prometheus's text format."""
     registry = REGISTRY
