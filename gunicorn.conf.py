@@ -50,6 +50,16 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     atexit.register(_remove_metrics_dir, os.environ["PROMETHEUS_MULTIPROC_DIR"], os.getpid())
 _metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
+# Whether the OTEL_* variables turn tracing on (service/observability/tracing.py), checked in
+# the master, once prometheus_client may be imported, so that a protocol we do not speak stops
+# the start; each worker starts its own tracer provider.
+from service.observability.tracing import configured as tracing_configured  # noqa: E402
+
+try:
+    traced = tracing_configured(os.environ)
+except ValueError as exc:
+    sys.exit(f"configuration error: {exc}")
+
 # The Flask app behind its middleware (service/server/wsgi.py), served by gunicorn's gevent
 # worker accepting new connections in batches (service/server/worker.py).
 wsgi_app = "service.server.wsgi:application"
@@ -180,10 +190,15 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """In each worker, after fork and after the app is loaded: open this worker's own pool."""
+    """In each worker, after fork and after the app is loaded: start its tracer provider and
+    export thread (with tracing on), then open its own pool, whose statements it traces."""
     from service import db
+    from service.observability import tracing
     from service.server import wsgi
 
+    if traced:
+        tracing.start(os.environ)
+        worker.log.info("tracing: on, exporting with OTLP/HTTP")
     pool = db.open_pool(wsgi.app)
     worker.log.info("pool open: %s", pool.stats())
 
@@ -199,7 +214,8 @@ def post_request(worker, req, environ, resp):
 
 
 def worker_exit(server, worker):
-    """In each worker, once its requests are done (or graceful_timeout passed): close the pool."""
+    """In each worker, once its requests are done (or graceful_timeout passed): close the pool,
+    then send the spans still queued (for up to tracing.FLUSH_AT_EXIT_S)."""
     import sys
 
     from service import db
@@ -207,6 +223,10 @@ def worker_exit(server, worker):
     wsgi = sys.modules.get("service.server.wsgi")  # absent when the worker died loading it
     if wsgi is not None:
         db.close_pool(wsgi.app)
+    if traced:
+        from service.observability import tracing
+
+        tracing.shutdown()
 
 
 def child_exit(server, worker):

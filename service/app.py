@@ -16,7 +16,8 @@ from service import db
 from service.api import auth, client, consistency, errors, health, openapi, users
 from service.api.errors import ApiError
 from service.api.json_provider import OrjsonProvider
-from service.observability import logs, metrics
+from service.db import tracing as db_tracing
+from service.observability import logs, metrics, tracing
 
 MAX_BODY_BYTES = 1 << 20
 # The content codings a request body may have: none (RFC 9110 8.4.1's `identity`).
@@ -27,11 +28,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     settings = app.config["SETTINGS"] = settings or load_settings(os.environ)
     replicas = bool(settings.database_replica_urls)
+    traced = tracing.configured(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json = OrjsonProvider(app)
     app.extensions[db.EVENTS] = metrics.PoolMetrics()
     app.after_request(_no_type_without_a_body)
     logs.register(app)
+    if traced:
+        tracing.register(app)
+        app.extensions[db.TRACING] = True
     metrics.register(app)
     # After logs: a refused request still gets its request id, access line and count. The
     # framing first, then the token: a stranger's body is never read.
@@ -44,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for module in (health, users, openapi):
         app.register_blueprint(module.bp)
     errors.register(app)
-    loaders = users.batch_loaders(replicas)
+    loaders = users.batch_loaders(replicas, db_tracing.BATCHES if traced else None)
     app.extensions.update(loaders)
     app.extensions[db.WAITING_ELSEWHERE] = lambda: sum(x.waiting for x in loaders.values())
     app.extensions[db.CLIENT_GONE] = client.hung_up

@@ -79,7 +79,7 @@ from service.db import (
     seen,
     with_position,
 )
-from service.db.batch import MAX_KEYS, BatchLoader, Sending
+from service.db.batch import MAX_KEYS, BatchLoader, Sending, Tracing
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
@@ -164,19 +164,21 @@ def get_user(user_id: str):
     return _found(current_app.extensions[LOADER].get(uid))
 
 
-def batch_loaders(replicas: bool = False) -> dict[str, BatchLoader]:
+def batch_loaders(replicas: bool = False, tracing: Tracing | None = None) -> dict[str, BatchLoader]:
     """One worker's batch loaders (service/db/batch.py), by the key `create_app` keeps each
     under in `app.extensions`: users by id, pages, creates and updates. With `replicas`, each
     batch reads at the latest position its requests must see, and hands each the position its
-    statement wrote or saw (service/api/consistency.py)."""
-    positions = {"at_least": request_position, "saw": _saw} if replicas else {}
+    statement wrote or saw (service/api/consistency.py). With `tracing`, their waits and
+    statements are traced (service/db/tracing.py)."""
+    options = {"at_least": request_position, "saw": _saw} if replicas else {}
+    options["tracing"] = tracing
     return {
-        LOADER: _loader(_users_by_id, metrics.lookups_answered, **positions),
+        LOADER: _loader(_users_by_id, metrics.lookups_answered, **options),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
-        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, **positions),
+        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, **options),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
-        CREATES: _loader(_create_users, **positions),
-        UPDATES: _loader(_update_users, **positions),
+        CREATES: _loader(_create_users, **options),
+        UPDATES: _loader(_update_users, **options),
     }
 
 

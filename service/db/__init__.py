@@ -33,6 +33,7 @@ from service.db.replicas import (
     ReplicaEvents,
     ReplicaSet,
 )
+from service.db.tracing import traced_pool_args
 
 __all__ = [
     "CLIENT_GONE",
@@ -41,6 +42,7 @@ __all__ = [
     "READ_POSITION",
     "REPLICAS",
     "SEEN_POSITION",
+    "TRACING",
     "WAITING_ELSEWHERE",
     "ClientGone",
     "Cursor",
@@ -71,6 +73,9 @@ WAITING_ELSEWHERE = "service.db.waiting_elsewhere"
 # Where an app keeps a callable saying whether the current request's client has hung up: a
 # request that waited for a connection is then not served (`ClientGone`).
 CLIENT_GONE = "service.db.client_gone"
+# Where an app says (True) that its pools trace their statements and waits
+# (service/db/tracing.py); otherwise they are not traced.
+TRACING = "service.db.tracing"
 # Where an app keeps this worker's `ReplicaSet`, when DATABASE_REPLICA_URLS names replicas.
 REPLICAS = "service.db.replicas"
 # Where an app keeps a callable giving the WAL position the current request's reads must see
@@ -105,6 +110,7 @@ def open_pool(app: Flask) -> Pool:
 def _pool(app: Flask, dsn: str, replica: bool = False) -> Pool:
     settings = app.config["SETTINGS"]
     events: PoolEvents | None = None if replica else app.extensions.get(EVENTS)
+    traced = traced_pool_args(events) if app.extensions.get(TRACING) else {"events": events}
     return Pool(
         dsn,
         min_size=settings.db_pool_min,
@@ -115,10 +121,10 @@ def _pool(app: Flask, dsn: str, replica: bool = False) -> Pool:
         max_lifetime=settings.db_pool_max_lifetime,
         max_waiting=settings.db_pool_max_waiting,
         leak_warn_s=settings.db_pool_leak_warn_s,
-        events=events,
         waiting_elsewhere=None if replica else app.extensions.get(WAITING_ELSEWHERE),
         client_gone=app.extensions.get(CLIENT_GONE),
         application_name="service-replica" if replica else "service",
+        **traced,
     )
 
 

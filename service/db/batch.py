@@ -24,6 +24,11 @@ up before it holds a connection (its own time ran out, it got no connection, it 
 the others go on, with their own time, in the next batch. A query that fails once sent fails
 every lookup it answers: a connection found broken costs the whole batch its 503, where each
 request with a query of its own would have paid for its own connection only.
+
+With `tracing` (service/db/tracing.py), each lookup runs inside `tracing.lookup()`,
+which yields what its batch's query must link to (its request's span context); the query runs
+inside `tracing.serving(links)`, `links` being the list of those of the lookups in its batch,
+which grows as lookups join until it is sent.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
 from gevent.event import Event
 
@@ -52,14 +58,16 @@ class _Batch:
         "done",
         "error",
         "keys",
+        "links",
         "position",
         "rows",
         "sent_at",
         "server",
     )
 
-    def __init__(self, key: Hashable, at_least: int = 0) -> None:
+    def __init__(self, key: Hashable, at_least: int = 0, link: object = None) -> None:
         self.keys = [key]  # of the lookups in it: one that gives up before it is sent leaves
+        self.links = [] if link is None else [link]  # theirs, with tracing: likewise
         self.counted = 0  # its lookups counted in `BatchLoader.waiting`
         self.closed = False  # sent or given up: it counts no longer, and takes no one in
         self.sent_at = 0.0  # when its query got a connection (0: it did not)
@@ -92,6 +100,14 @@ class Sending:
     def saw(self, position: int | None, server: str | None = None) -> None:
         self._batch.position = position
         self._batch.server = server
+
+
+class Tracing(Protocol):
+    """What a batch loader asks of tracing (module doc)."""
+
+    def lookup(self) -> AbstractContextManager[object]: ...
+
+    def serving(self, links: list) -> AbstractContextManager[object]: ...
 
 
 class BatchLoader:
@@ -128,6 +144,7 @@ class BatchLoader:
         saw: Callable[[int | None, str | None], None] | None = None,
         in_flight: int = IN_FLIGHT,
         max_keys: int = MAX_KEYS,
+        tracing: Tracing | None = None,
     ) -> None:
         self._fetch = fetch
         self._turn_timeout = turn_timeout
@@ -139,6 +156,7 @@ class BatchLoader:
         self._saw = saw
         self._slots = FairSemaphore(in_flight)
         self._max_keys = max_keys
+        self._tracing = tracing
         self._batch: _Batch | None = None
         self._batched = 0
 
@@ -151,17 +169,23 @@ class BatchLoader:
     def get(self, key: Hashable) -> Any:
         """The row for `key`, or None when there is none. Raises what the query raised, for
         every lookup it was sent for, and `timed_out()` when it got no connection in time."""
+        if self._tracing is None:
+            return self._get(key, None)
+        with self._tracing.lookup() as link:
+            return self._get(key, link)
+
+    def _get(self, key: Hashable, link: object) -> Any:
         asked = time.perf_counter()
         deadline = asked + self._turn_timeout()  # raises for a request that may wait no more
         at_least = self._at_least() if self._at_least is not None else 0
         while True:
             batch = self._batch
             if batch is None:
-                batch = _Batch(key, at_least)
+                batch = _Batch(key, at_least, link)
                 answer = self._send(batch, key, asked, deadline)
                 break
             batch.at_least = max(batch.at_least, at_least)
-            if self._join(batch, key, asked, deadline):
+            if self._join(batch, key, link, asked, deadline):
                 if batch.error is not None:
                     raise _again(batch.error) from batch.error
                 answer = _answer(batch, key)
@@ -171,9 +195,13 @@ class BatchLoader:
             self._saw(batch.position, batch.server)
         return answer
 
-    def _join(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> bool:
+    def _join(
+        self, batch: _Batch, key: Hashable, link: object, asked: float, deadline: float
+    ) -> bool:
         """Wait in `batch` for its query; whether it was sent (False: it was given up)."""
         batch.keys.append(key)
+        if link is not None:
+            batch.links.append(link)
         self._count(batch, 1)
         if len(batch.keys) >= self._max_keys:
             self._batch = None
@@ -195,6 +223,8 @@ class BatchLoader:
             if not batch.closed:  # leaving, out of time or killed
                 self._count(batch, -1)
                 batch.keys.remove(key)
+                if link is not None:
+                    batch.links.remove(link)
         if not batch.sent_at:
             return False  # its wait goes on, and is told once it ends
         self._waited(batch.sent_at - asked)
@@ -207,7 +237,9 @@ class BatchLoader:
             waited_s = time.perf_counter() - asked
             try:
                 self._waited(waited_s)
-                batch.rows = self._fetch(waited_s, Sending(self, batch))
+                tracing = self._tracing
+                with tracing.serving(batch.links) if tracing is not None else nullcontext():
+                    batch.rows = self._fetch(waited_s, Sending(self, batch))
             finally:
                 self._slots.release()
             if self._answered is not None:

@@ -182,6 +182,7 @@ class Pool(ThreadedConnectionPool):
     given, counts callers that wait for a connection outside the pool (lookups in a batch,
     service/db/batch.py), for the `max_waiting` cap. `client_gone`, when given, says whether the
     calling greenlet's client has hung up: `connection()` asks it once it holds a connection.
+    `cursor_factory` makes its cursors: `Cursor` or a subclass.
     Nothing is opened here: `warm()` opens `min_size` connections, best effort.
     """
 
@@ -202,13 +203,14 @@ class Pool(ThreadedConnectionPool):
         events: PoolEvents | None = None,
         waiting_elsewhere: Callable[[], int] | None = None,
         client_gone: Callable[[], bool] | None = None,
+        cursor_factory: type[Cursor] = Cursor,
     ):
         super().__init__(
             0,  # psycopg2 would open minconn connections here, failing when the server is down
             max_size,
             dsn,
             connection_factory=PooledConnection,
-            cursor_factory=Cursor,
+            cursor_factory=cursor_factory,
             application_name=application_name,
             # Let the kernel find a dead server (or let the server find a dead worker) in
             # about a minute instead of the system default of two hours.

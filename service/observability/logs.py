@@ -5,11 +5,11 @@ Every line is one JSON object: `time` (ISO 8601, UTC), `level`, `logger`, `messa
 routes its own log and the app's through `JsonFormatter` to stdout (`gunicorn.conf.py`).
 
 One access line per request, written by the app once the response is built, so that it knows
-what gunicorn cannot: the route that matched and how long the request waited for a database
-connection (`pool_wait_ms`, summed over its checkouts). It is the one line every request
-writes, so it goes straight to stdout in the same format, past `logging`'s records, hierarchy
-and handler lock (docs/performance.md); the `service.access` logger's level still switches it
-off (above INFO).
+what gunicorn cannot: the route that matched, how long the request waited for a database
+connection (`pool_wait_ms`, summed over its checkouts) and, with tracing on, its `trace_id`.
+It is the one line every request writes, so it goes straight to stdout in the same format,
+past `logging`'s records, hierarchy and handler lock (docs/performance.md); the
+`service.access` logger's level still switches it off (above INFO).
 
 The request id comes from the `X-Request-ID` header when it is safe to echo (1-128 of
 `A-Z a-z 0-9 . _ -`), else it is a new uuid4; it is sent back on every response, errors
@@ -52,7 +52,7 @@ _encode = json.JSONEncoder(default=str).encode
 class RequestLog:
     """What the access line will say about the request being served."""
 
-    __slots__ = ("db_server", "id", "pool_wait_s", "started", "status")
+    __slots__ = ("db_server", "id", "pool_wait_s", "started", "status", "trace_id")
 
     def __init__(self, request_id: str, started: float, pool_wait_s: float = 0.0):
         self.id = request_id
@@ -60,6 +60,7 @@ class RequestLog:
         self.pool_wait_s = pool_wait_s
         self.status = 500  # until a response is made
         self.db_server: str | None = None  # with replicas: the server of its last read
+        self.trace_id: str | None = None  # with tracing: its trace (observability/tracing.py)
 
 
 _current: ContextVar[RequestLog | None] = ContextVar("service_request", default=None)
@@ -131,6 +132,8 @@ def _log_access(exc: BaseException | None) -> None:
             line["remote_addr"] = served.remote_addr
             if current.db_server is not None:
                 line["db_server"] = current.db_server
+            if current.trace_id is not None:
+                line["trace_id"] = current.trace_id
             _write(_encode(line))
     finally:
         _current.set(None)
