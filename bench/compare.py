@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import resource
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
@@ -126,10 +128,12 @@ def _run(args: argparse.Namespace, logs: Path) -> list[str]:
     budget = 2 * args.workers * args.pool_max
     pg = LocalPostgres(settings={"max_connections": str(max(MIN_MAX_CONNECTIONS, budget + 20))})
     servers: list[Server] = []
+    sink = _Sink(logs) if args.b_traced else None
     try:
         pg.start()
         for label, root in zip(LABELS, (args.a, args.b), strict=True):
-            server = _new_server(label, root, pg, args, logs)
+            extra = sink.environment() if sink is not None and label == "B" else {}
+            server = _new_server(label, root, pg, args, logs, extra)
             servers.append(server)  # started: whatever happens next, it is stopped
             server.wait_ready(("/healthz", "/readyz"))
             database.seed_users(server.dsn, args.users)
@@ -141,13 +145,90 @@ def _run(args: argparse.Namespace, logs: Path) -> list[str]:
         for server in servers:
             server.stop()
         pg.stop()
-    return [*sections, _log_section(servers)]
+        counts = sink.stop() if sink is not None else None
+    tracing = [_sink_section(counts, servers[1])] if counts is not None else []
+    return [*sections, *tracing, _log_section(servers)]
+
+
+class _Sink:
+    """bench/otlp_sink.py in a process of its own, for `--b-traced`; `stop()` returns its
+    counts."""
+
+    def __init__(self, logs: Path) -> None:
+        self.port = bench_servers.free_port()
+        self.counts = logs / "otlp-sink.json"
+        command = ["-m", "bench.otlp_sink", "--port", str(self.port), "--counts", str(self.counts)]
+        self._proc = subprocess.Popen(
+            [sys.executable, *command],
+            cwd=bench_servers.ROOT,
+        )
+        deadline = time.monotonic() + 10
+        while not _listening(self.port):
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("the OTLP sink did not start listening in 10 s")
+            time.sleep(POLL_S)
+
+    def environment(self) -> dict[str, str]:
+        """What makes a server export a span of each request and statement to the sink."""
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+            "OTEL_TRACES_SAMPLER": "always_on",
+            "OTEL_SERVICE_NAME": "bench-b",
+        }
+
+    def stop(self) -> dict | None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        try:
+            return json.loads(self.counts.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _sink_section(counts: dict, traced: Server) -> str:
+    """What B exported, against the requests its logs show it answered (warm-ups included)."""
+    answered = 0
+    for path in traced.log_paths:
+        with open(path, errors="replace") as log:
+            answered += sum(1 for line in log if _STATUS.search(line))
+    per_request = counts["spans"] / answered if answered else float("nan")
+    return "\n".join(
+        [
+            "### Tracing on B",
+            "",
+            f"- B exported every span (OTEL_TRACES_SAMPLER=always_on) over OTLP/HTTP to "
+            "bench/otlp_sink.py, a process of its own on the same cores that decodes and counts "
+            f"each export: {counts['exports']:,} exports, {counts['spans']:,} spans, "
+            f"{counts['bytes']:,} bytes, for {answered:,} requests B answered "
+            f"({per_request:.2f} spans per request)",
+        ]
+    )
 
 
 def _new_server(
-    label: str, root: Path, pg: LocalPostgres, args: argparse.Namespace, logs: Path
+    label: str,
+    root: Path,
+    pg: LocalPostgres,
+    args: argparse.Namespace,
+    logs: Path,
+    extra: dict[str, str],
 ) -> Server:
-    """A server for `root` with a database of its own and a free port on loopback."""
+    """A server for `root` with a database of its own and a free port on loopback, with `extra`
+    in its environment."""
     dsn = pg.create_database(f"bench_{label.lower()}")
     port = bench_servers.free_port()
     env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
@@ -158,6 +239,7 @@ def _new_server(
         WORKER_CONNECTIONS=str(max(MIN_WORKER_CONNECTIONS, max(args.levels))),
         PORT=str(port),
         GUNICORN_CMD_ARGS=f"--bind 127.0.0.1:{port}",
+        **extra,
     )
     return Server(label, root, dsn, env, logs)
 
@@ -354,6 +436,7 @@ def _header(args: argparse.Namespace, logs: Path) -> str:
             f"{args.duration} s after a {WARMUP_S} s warm-up; rounds: {args.rounds}, order "
             "alternating; ratios are B/A",
             f"- servers' logs: {logs}",
+            *(["- B traced: every span exported to bench/otlp_sink.py"] if args.b_traced else []),
         ]
     )
 
@@ -407,6 +490,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         choices=[name for name, w in WORKLOADS.items() if w.script],
         default="mix",
         help="what wrk sends (bench/workloads.py)",
+    )
+    parser.add_argument(
+        "--b-traced",
+        action="store_true",
+        help="B exports a span of every request and statement (OTEL_TRACES_SAMPLER=always_on) "
+        "to an OTLP/HTTP sink this run starts (bench/otlp_sink.py)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)

@@ -537,3 +537,38 @@ def test_a_read_that_joined_a_batch_is_attributed_by_the_token_it_got(tmp_path):
         "p-7": None,
         "p-8": None,
     }
+
+
+def test_the_otlp_sink_answers_exports_and_counts_their_spans(tmp_path):
+    """bench/otlp_sink.py, as `bench.compare --b-traced` starts it: an export of three spans is
+    answered 200 with an ExportTraceServiceResponse, another path 404, and SIGTERM writes the
+    counts."""
+    import http.client
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    sink = compare._Sink(tmp_path)
+    try:
+        export = ExportTraceServiceRequest(
+            resource_spans=[
+                ResourceSpans(scope_spans=[ScopeSpans(spans=[Span(name="a"), Span(name="b")])]),
+                ResourceSpans(scope_spans=[ScopeSpans(spans=[Span(name="c")])]),
+            ]
+        ).SerializeToString()
+        conn = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=10)
+        conn.request("POST", "/v1/traces", export, {"Content-Type": "application/x-protobuf"})
+        reply = conn.getresponse()
+        assert reply.status == 200
+        ExportTraceServiceResponse.FromString(reply.read())
+        conn.request("POST", "/elsewhere", b"", {"Content-Length": "0"})
+        reply = conn.getresponse()
+        assert reply.status == 404
+        reply.read()
+        conn.close()
+    finally:
+        counts = sink.stop()
+    assert counts == {"exports": 1, "spans": 3, "bytes": len(export)}
