@@ -79,7 +79,6 @@ def describe(postgres_version: str) -> dict[str, str]:
                 "psycopg-pool",
                 "starlette",
                 "uvicorn",
-                "uvicorn-worker",
                 "uvloop",
                 "httptools",
                 "asyncpg",

@@ -312,8 +312,9 @@ def _settings(args: argparse.Namespace, pg_version: str) -> dict[str, str]:
         ),
         "peers": (
             f"peer-gthread: threads = pool size = {pool} per worker; peer-gevent: the same app, "
-            "worker_connections as the service; asyncio: one event loop per worker; each with a "
-            "fixed pool, autocommit (one round trip per request), the same SQL as the service"
+            "worker_connections as the service; asyncio: one event loop per uvicorn worker "
+            "process, its handlers calling the pool directly; each with a fixed pool, "
+            "autocommit (one round trip per request), the same SQL as the service"
         ),
         "load": (
             f"wrk -t{wrk.THREADS} -c<concurrency> -d{args.duration}s "

@@ -1,8 +1,10 @@
 """The HTTP servers under test: how each starts, when it is ready, and how it stops.
 
-Every server is gunicorn with 2 workers and a pool of 10 per worker where it has one, started
-from the repository root in a session of its own, its output (access log included, as in
-production) going to a file. The service runs through its production command, unchanged.
+Every server has 2 workers and a pool of 10 per worker where it has one, started from the
+repository root in a session of its own, its output (access log included, as in production)
+going to a file. The service runs through its production command, unchanged. Each WSGI stack
+runs under gunicorn; the asyncio peer under uvicorn's own worker processes (`uvicorn
+--workers`), as its users would run it.
 
 The four stacks serve every workload of bench/workloads.py: this service and three peers, two
 Flask + psycopg 3 (gthread, gevent) and one asyncio (Starlette + asyncpg on uvicorn). The
@@ -63,9 +65,16 @@ LOG_EVENTS = {
 class HttpVariant:
     name: str
     description: str
-    config: Path  # gunicorn -c
+    config: Path | None  # gunicorn -c; None for an ASGI app that uvicorn serves
     path: str = ""  # what every URL asked for starts with, after the port
     workload: str | None = None  # the one workload it serves; None: every workload
+    asgi_app: str = ""  # "module:attribute" of the app that uvicorn serves, when `config` is None
+
+    def command(self, env: Mapping[str, str], root: Path = ROOT) -> list[str]:
+        """The command that serves this variant on env's PORT with WEB_CONCURRENCY workers."""
+        if self.config is None:
+            return uvicorn_command(self.asgi_app, env, root)
+        return gunicorn_command(self.config, root)
 
 
 SERVICE_CONFIG = ROOT / "gunicorn.conf.py"
@@ -91,8 +100,10 @@ HTTP_VARIANTS = {
     ),
     "asyncio": HttpVariant(
         "asyncio",
-        "Starlette + asyncpg pool under uvicorn workers (uvloop, httptools) managed by gunicorn",
-        VARIANTS_DIR / "asyncio_peer.conf.py",
+        "Starlette + asyncpg pool, handlers calling pool.fetchrow()/fetch(), under uvicorn's "
+        "own worker processes (uvloop, httptools)",
+        None,
+        asgi_app="bench.variants.asyncio_peer:app",
     ),
     "ceiling": HttpVariant(
         "ceiling",
@@ -120,11 +131,29 @@ def free_port() -> int:
 def gunicorn_command(config: Path, root: Path = ROOT) -> list[str]:
     """`gunicorn -c CONFIG`, run from `root`: the checkout's own `.venv/bin/gunicorn` when it
     has one, else the running interpreter's."""
-    own = root / ".venv" / "bin" / "gunicorn"
-    script = own if own.exists() else Path(sys.executable).with_name("gunicorn")
-    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "gunicorn"]
     shown = config.relative_to(root) if config.is_relative_to(root) else config
-    return [*launcher, "-c", str(shown)]
+    return [*_launcher("gunicorn", root), "-c", str(shown)]
+
+
+def uvicorn_command(app: str, env: Mapping[str, str], root: Path = ROOT) -> list[str]:
+    """`uvicorn APP --workers N` on 127.0.0.1:PORT with uvloop and httptools, its access log
+    on (uvicorn's default, named), run from `root` as `gunicorn_command` is."""
+    return [
+        *_launcher("uvicorn", root),
+        app,
+        "--host=127.0.0.1",
+        f"--port={env['PORT']}",
+        f"--workers={env['WEB_CONCURRENCY']}",
+        "--loop=uvloop",
+        "--http=httptools",
+        "--access-log",
+    ]
+
+
+def _launcher(program: str, root: Path) -> list[str]:
+    own = root / ".venv" / "bin" / program
+    script = own if own.exists() else Path(sys.executable).with_name(program)
+    return [str(script)] if script.exists() else [sys.executable, "-m", program]
 
 
 def environment(database_url: str, port: int, worker_connections: int) -> dict[str, str]:
@@ -160,8 +189,9 @@ def _set_by_bench(database_url: str, port: int, worker_connections: int) -> dict
 
 
 class Server:
-    """One running gunicorn, started from the checkout at `root` (this one by default);
-    `stop()` ends it and every worker, whatever state it is in."""
+    """One running server (gunicorn, or uvicorn for an ASGI variant), started from the checkout
+    at `root` (this one by default); `stop()` ends it and every worker, whatever state it is
+    in."""
 
     def __init__(
         self, variant: HttpVariant, env: dict[str, str], log_path: Path, root: Path = ROOT
@@ -174,11 +204,11 @@ class Server:
         self.start()
 
     def start(self) -> None:
-        """Start gunicorn, at first or again after `stop()`: its output goes to `log_path`,
+        """Start the server, at first or again after `stop()`: its output goes to `log_path`,
         which it starts afresh."""
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                gunicorn_command(self.variant.config, self.root),
+                self.variant.command(self.env, self.root),
                 cwd=self.root,
                 env=self.env,
                 stdout=log,
@@ -188,7 +218,7 @@ class Server:
 
     @property
     def pid(self) -> int:
-        """The gunicorn master's pid: its workers are its children."""
+        """The server's master process: its workers are its children."""
         return self._proc.pid
 
     @property
@@ -210,7 +240,7 @@ class Server:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        """SIGTERM to the session (gunicorn's graceful stop), SIGKILL after the deadline."""
+        """SIGTERM to the session (a graceful stop), SIGKILL after the deadline."""
         if self._proc.poll() is not None:
             return
         os.killpg(self._proc.pid, signal.SIGTERM)

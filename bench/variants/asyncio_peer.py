@@ -1,11 +1,18 @@
 """The asyncio peer: Starlette with an asyncpg pool, under uvicorn (uvloop, httptools).
 
-Honest, not handicapped: each worker process runs one event loop with a fixed pool of
-DB_POOL_MAX connections, opened in the app's lifespan (after fork), a request waiting up to
-DB_POOL_TIMEOUT for a connection as the service does; every route is one round trip (asyncpg
-runs outside a transaction unless asked); the statement timeout as a startup setting;
-asyncpg's cache of prepared statements left on. gunicorn manages the processes
-(`asyncio_peer.conf.py`), as it does for every other stack, with `UvloopWorker` below.
+As lean as its users would write it: each handler calls the pool itself (`pool.fetchrow()`,
+`pool.fetch()`), which checks a connection out for that one statement and back in; every
+route is one round trip (asyncpg runs outside a transaction unless asked); the statement
+timeout as a startup setting; asyncpg's cache of prepared statements left on. Each worker
+process runs one event loop with a fixed pool of DB_POOL_MAX connections, opened in the app's
+lifespan. uvicorn's own worker processes serve it (`uvicorn --workers`, bench/servers.py),
+with uvloop and httptools named rather than left to "auto", which would fall back to asyncio
+and h11 in silence when either is missing, and its access log on, as the service writes one.
+
+asyncpg's pool methods take no timeout for the checkout: a request waits for a connection as
+long as it takes, where the service waits DB_POOL_TIMEOUT. The bench sets that to wrk's own
+timeout (bench/servers.py), so a request that would have had the service's 503 is a wrk
+timeout here instead, and is counted as an error either way.
 
 The routes answer as the service's do (service/api/users.py), with the same statements: one
 SELECT by id, one SELECT ... LIMIT limit + 1 (newest first, a `next_cursor` for the first page
@@ -24,7 +31,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from uvicorn_worker import UvicornWorker
 
 COLUMNS = "id, name, email, created_at"
 SELECT_USER = f"SELECT {COLUMNS} FROM users WHERE id = $1"
@@ -37,23 +43,14 @@ UPDATE_USER = (
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500  # as service/api/pagination.py
 
 
-class UvloopWorker(UvicornWorker):
-    """uvicorn's gunicorn worker, held to uvloop and httptools (not "auto", which would fall
-    back to asyncio and h11 in silence when either is missing)."""
-
-    CONFIG_KWARGS = {"loop": "uvloop", "http": "httptools"}
-
-
 async def get_user(request: Request) -> JSONResponse:
-    async with _connection(request) as conn:
-        user = await conn.fetchrow(SELECT_USER, request.path_params["user_id"])
+    user = await request.app.state.pool.fetchrow(SELECT_USER, request.path_params["user_id"])
     return _user(user) if user else _not_found()
 
 
 async def list_users(request: Request) -> JSONResponse:
     limit = min(int(request.query_params.get("limit", DEFAULT_LIMIT)), MAX_LIMIT)
-    async with _connection(request) as conn:
-        rows = await conn.fetch(LIST_USERS, limit + 1)
+    rows = await request.app.state.pool.fetch(LIST_USERS, limit + 1)
     page = rows[:limit]
     next_cursor = _cursor(page[-1]["id"]) if len(rows) > limit else None
     return JSONResponse({"users": [_public(row) for row in page], "next_cursor": next_cursor})
@@ -61,16 +58,15 @@ async def list_users(request: Request) -> JSONResponse:
 
 async def create_user(request: Request) -> JSONResponse:
     body = await request.json()
-    async with _connection(request) as conn:
-        user = await conn.fetchrow(INSERT_USER, body["name"], body["email"])
+    user = await request.app.state.pool.fetchrow(INSERT_USER, body["name"], body["email"])
     return _user(user, 201, {"Location": f"/users/{user['id']}"})
 
 
 async def update_user(request: Request) -> JSONResponse:
     body = await request.json()
     user_id = request.path_params["user_id"]
-    async with _connection(request) as conn:
-        user = await conn.fetchrow(UPDATE_USER, body.get("name"), body.get("email"), user_id)
+    pool: asyncpg.Pool = request.app.state.pool
+    user = await pool.fetchrow(UPDATE_USER, body.get("name"), body.get("email"), user_id)
     return _user(user) if user else _not_found()
 
 
@@ -79,18 +75,9 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 @contextlib.asynccontextmanager
-async def _connection(request: Request):
-    """A connection of this worker's pool; TimeoutError (503) when none is free in time."""
-    pool: asyncpg.Pool = request.app.state.pool
-    async with pool.acquire(timeout=request.app.state.pool_timeout) as conn:
-        yield conn
-
-
-@contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
     """Open this worker's pool, every connection up, before serving; close it at shutdown."""
     size = int(os.environ["DB_POOL_MAX"])
-    app.state.pool_timeout = float(os.environ["DB_POOL_TIMEOUT"])
     app.state.pool = await asyncpg.create_pool(
         os.environ["DATABASE_URL"],
         min_size=size,
@@ -123,10 +110,6 @@ async def _email_taken(request: Request, exc: Exception) -> JSONResponse:
     return _error(409, "email_taken", "a user with this email exists")
 
 
-async def _busy(request: Request, exc: Exception) -> JSONResponse:
-    return _error(503, "pool_timeout", "no database connection became free")
-
-
 def _cursor(last_id: int) -> str:
     """The service's cursor for the page after `last_id` (service/api/pagination.py)."""
     return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
@@ -142,7 +125,6 @@ app = Starlette(
     ],
     exception_handlers={
         asyncpg.UniqueViolationError: _email_taken,
-        TimeoutError: _busy,
     },
     lifespan=lifespan,
 )
