@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from bench import clients, compare, goals, pgbench, report, wrk
+from bench import clients, compare, goals, pgbench, profile, report, wrk
 from bench import run as run_module
 from bench.backends import Peak
 from bench.cpu import CpuUse
@@ -572,3 +572,70 @@ def test_the_otlp_sink_answers_exports_and_counts_their_spans(tmp_path):
     finally:
         counts = sink.stop()
     assert counts == {"exports": 1, "spans": 3, "bytes": len(export)}
+
+
+# Samples as py-spy writes them (--format raw), root first.
+_WORKER = (
+    "_handle_and_close_when_done (gevent/baseserver.py:34);"
+    "AsyncWorker.handle_request (gunicorn/workers/base_async.py:329);"
+    "Flask.wsgi_app (flask/app.py:1511)"
+)
+
+
+def _no_source(path: str, line: int) -> str:
+    return ""
+
+
+def test_a_sample_counts_in_its_innermost_known_part_past_the_standard_library():
+    request_id = f"{_WORKER};_begin (service/observability/logs.py:92);uuid4 (uuid.py:723)"
+    assert profile.part(request_id, _no_source) == "logging (access line, request id)"
+    matched = (
+        f"{_WORKER};MapAdapter.match (werkzeug/routing/map.py:605);compile (re/__init__.py:227)"
+    )
+    assert profile.part(matched, _no_source) == "routing"
+    assert profile.part(_WORKER, _no_source) == "Flask, werkzeug or Starlette request + response"
+    hub = "run (gevent/hub.py:647);_run_callbacks (gevent/_abstract_linkable.py:10)"
+    assert profile.part(hub, _no_source) == profile.EVENT_LOOP
+
+
+def test_a_call_into_c_counts_as_the_work_it_names():
+    sent = (
+        f"{_WORKER};write (gunicorn/util.py:348);"
+        "ClientSocket._send (service/server/connections.py:342);sendall (gevent/_socket3.py:410)"
+    )
+    assert profile.part(sent, _no_source) == "socket send/recv"
+    statement = f"{_WORKER};_users_by_id (service/api/users.py:215)"
+    assert profile.part(statement, lambda p, n: "        db.execute(sql, (uid,))") == "driver"
+    assert profile.part(statement, lambda p, n: "        rows = {}") == (
+        "app code (views, hooks, validation)"
+    )
+    written = "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:522)"
+    assert profile.part(written, lambda p, n: "self.transport.write(data)") == "socket send/recv"
+    assert profile.part(written, _no_source) == "HTTP parsing"
+
+
+def test_shares_add_up_the_samples_of_each_part():
+    raw = f"{_WORKER} 3\n{_WORKER};_begin (service/observability/logs.py:92) 1\n"
+    found, samples = profile.shares(raw, _no_source)
+    assert samples == 4
+    assert found == {
+        "Flask, werkzeug or Starlette request + response": 0.75,
+        "logging (access line, request id)": 0.25,
+    }
+
+
+def test_batch_sizes_come_from_the_counters_of_two_metrics_pages():
+    page = (
+        "# HELP db_lookups_total Single rows looked up by key\n"
+        "db_lookups_total 100.0\ndb_lookup_queries_total 10.0\n"
+        'db_batched_writes_total{kind="create"} 30.0\n'
+        'db_batch_statements_total{kind="create"} 20.0\n'
+    )
+    before = profile.parse_counters(page)
+    after = dict(before, db_lookups_total=190.0, db_lookup_queries_total=20.0)
+    after['db_batched_writes_total{kind="create"}'] = 45.0
+    after['db_batch_statements_total{kind="create"}'] = 30.0
+    assert profile.batch_sizes(before, after) == {
+        "reads by id per query": 9.0,
+        "creates per statement": 1.5,
+    }
