@@ -39,6 +39,8 @@ from service.observability import metrics
 HEADER = "Consistency-Token"
 COOKIE = "consistency_token"
 VERSION = "1"
+_HEADER_KEY = "HTTP_" + HEADER.upper().replace("-", "_")  # the header in the WSGI environ
+_COOKIE_ATTRIBUTES = "; HttpOnly; Path=/; SameSite=Lax"
 
 
 def register(app: Flask) -> None:
@@ -66,9 +68,10 @@ def decode(token: str) -> int | None:
 def _read_token() -> None:
     g.seen_position = 0
     g.read_at_least = 0
+    environ = request.environ
     # Cookies are parsed only when the client sent some: most API clients send none.
-    cookie = request.cookies.get(COOKIE) if "HTTP_COOKIE" in request.environ else None
-    for token in (request.headers.get(HEADER), cookie):
+    cookie = request.cookies.get(COOKIE) if "HTTP_COOKIE" in environ else None
+    for token in (environ.get(_HEADER_KEY), cookie):
         if token is None:
             continue
         position = decode(token)
@@ -94,5 +97,7 @@ def _hand_token(response: Response) -> Response:
         presented = g.get("read_at_least", 0)
         token = encode(max(seen, presented if presented < db.ON_PRIMARY else 0))
         response.headers[HEADER] = token
-        response.set_cookie(COOKIE, token, httponly=True, samesite="Lax")
+        # What werkzeug's set_cookie writes for it: a token (`1:` and an LSN in hexadecimal)
+        # needs no quoting, so the header is written as it is, not built anew each time.
+        response.headers.add("Set-Cookie", f"{COOKIE}={token}{_COOKIE_ATTRIBUTES}")
     return response

@@ -157,7 +157,10 @@ class PoolMetrics:
     # service/db/replicas.py's ReplicaEvents.
 
     def read_on(self, server: str) -> None:
-        READS.labels(server).inc()
+        counter = _reads.get(server)
+        if counter is None:
+            counter = _reads[server] = READS.labels(server)
+        counter.inc()
         logs.add_read_server(server)
 
     def fell_back(self, reason: str) -> None:
@@ -234,6 +237,7 @@ def _by_listener() -> None:
 # The labelled children, looked up once: prometheus_client's labels() checks its arguments and
 # takes a lock on every call.
 _requests: dict[tuple[str, str, int], Counter] = {}
+_reads: dict[str, Counter] = {}
 _latency: dict[tuple[str, str], Histogram] = {}
 
 
