@@ -44,7 +44,7 @@ USER_ROUTE = "GET /users/<user_id>"
 LOOKUP_SQL = "SELECT id, name, email, created_at FROM users WHERE id = ANY(%s)"
 # With replicas, a read selects its position too (service.db.with_position).
 LOOKUP_ON_REPLICAS = re.compile(
-    r"SELECT id, name, email, created_at, \(.*\)::text AS read_position"
+    r"SELECT id, name, email, created_at, \(SELECT \(.*\)::text\) AS read_position"
     r" FROM users WHERE id = ANY\(%s\)"
 )
 

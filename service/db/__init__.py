@@ -225,11 +225,12 @@ def request_position() -> int:
 
 def with_position(db: Cursor, columns: str) -> str:
     """`columns` for a read's SELECT list, and, in a read-only block on replicas, the position
-    the read could have seen as one column more: evaluated after the statement's snapshot, it
-    is never less than what the read saw. Read the rows with `fetch_with_position`."""
+    the read could have seen as one column more: evaluated after the statement's snapshot
+    (once, an uncorrelated subquery), it is never less than what the read saw. Read the rows
+    with `fetch_with_position`."""
     if db.position_sql is None:
         return columns
-    return f"{columns}, ({db.position_sql})::text AS {_POSITION_COLUMN}"
+    return f"{columns}, (SELECT ({db.position_sql})::text) AS {_POSITION_COLUMN}"
 
 
 def fetch_with_position(db: Cursor) -> list[dict]:
