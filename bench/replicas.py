@@ -201,9 +201,13 @@ class Cluster:
         answers true and the replay and receive positions are the primary's insert position.
         The service then routes reads to the primary through a replica's pool, monitor and
         positions: the routing's cost alone (issue 26), with no second server on the cores."""
-        with psycopg2.connect(self.dsn, connect_timeout=5) as conn, conn.cursor() as cur:
-            cur.execute(PRIMARY_AS_REPLICA_SQL)
-        conn.close()
+        conn = psycopg2.connect(self.dsn, connect_timeout=5)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(PRIMARY_AS_REPLICA_SQL)
+        finally:
+            conn.close()
         options = quote(f"-c search_path={SHIM_SCHEMA},pg_catalog,public")
         return f"127.0.0.1:{self.primary.port}", f"{self.dsn}?options={options}"
 

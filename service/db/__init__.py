@@ -223,6 +223,10 @@ def request_position() -> int:
     return position() if position is not None else 0
 
 
+# The column a read's position comes back in (`with_position`, `fetch_with_position`).
+_POSITION_COLUMN = "read_position"
+
+
 def with_position(db: Cursor, columns: str) -> str:
     """`columns` for a read's SELECT list, and, in a read-only block on replicas, the position
     the read could have seen as one column more: evaluated after the statement's snapshot
@@ -243,9 +247,6 @@ def fetch_with_position(db: Cursor) -> list[dict]:
         for row in rows:
             del row[_POSITION_COLUMN]
     return rows
-
-
-_POSITION_COLUMN = "read_position"
 
 
 def seen(position: int | None) -> None:
