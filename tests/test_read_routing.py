@@ -229,3 +229,77 @@ def test_reads_on_a_replica_answer_what_the_primary_does_and_carry_their_positio
     }
     with pgutil.autocommit(replicated.database_url) as cur:
         cur.execute("DELETE FROM users WHERE id = ANY(%s)", (ids,))
+
+
+def test_blocks_tell_the_monitors_what_their_polls_would_read(replicated):
+    """With monitors that poll only every 10 s, a write on the primary moves the primary's
+    position and a read on a replica moves that replica's replay position, each in passing:
+    the position the block read anyway, and what a read selects with its own position."""
+    app = create_app(
+        load_settings(
+            {
+                "DATABASE_URL": replicated.database_url,
+                "DATABASE_REPLICA_URLS": " ".join(replicated.replica_urls),
+                "REPLICA_POLL_INTERVAL_S": "10",
+            }
+        )
+    )
+    db.open_pool(app)
+    email = f"told-{secrets.token_hex(4)}@example.com"
+    try:
+        replicas = app.extensions[db.REPLICAS]
+        wait_until(lambda: all(r.up for r in replicas.replicas), 10, "replicas up")
+        polled = {r.label: r.replay for r in replicas.replicas}
+        with app.app_context():
+            with db.get_db(autocommit=True) as cur:
+                cur.execute("INSERT INTO users (name, email) VALUES ('told', %s)", (email,))
+            written = cur.position
+            assert written is not None and replicas.primary_position >= written
+            for replica in replicated.replicas:
+                replica.catch_up()
+            heard = set()
+            for _ in range(20):  # until each replica served a read
+                with db.get_db(read_only=True) as read:
+                    columns = db.with_position(read, "id")
+                    read.execute(f"SELECT {columns} FROM users WHERE email = %s", (email,))
+                    assert len(db.fetch_with_position(read)) == 1
+                heard.add(read.server)
+                if heard >= set(polled):
+                    break
+        assert heard == set(polled)
+        for replica in replicas.replicas:
+            assert replica.replay >= written > polled[replica.label], replica
+            assert replica.up and replica.heard_at > 0
+    finally:
+        db.close_pool(app)
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute("DELETE FROM users WHERE email = %s", (email,))
+
+
+def test_what_a_read_tells_never_brings_a_replica_back_into_rotation(replicated, make_pool):
+    """A read that found its replica out of recovery takes it out at once; one that answers
+    after its replica was taken out (it started before) leaves it out, replay and all, until
+    the monitor's own poll."""
+    replicas = ReplicaSet(
+        make_pool(replicated.database_url),
+        list(replicated.replica_urls[:1]),
+        make_pool=make_pool,
+        poll_interval_s=10,
+        max_lag_s=10,
+        catch_up_s=0.1,
+        connect_timeout=5,
+        events=Events(),
+    )
+    replicas.start()
+    try:
+        wait_until(lambda: all(r.up for r in replicas.replicas), 10, "the replica up")
+        [replica] = replicas.replicas
+        before = replica.replay
+        replicas.heard(replica.label, False, before + 1)
+        assert (replica.up, replica.state) == (False, "promoted")
+        replicas.heard(replica.label, True, before + (1 << 20))
+        assert (replica.up, replica.state, replica.replay) == (False, "promoted", before)
+        assert replica.heard_at == 0
+        assert replicas.route(0)[1] == PRIMARY
+    finally:
+        replicas.close()

@@ -24,11 +24,11 @@ from service.db.errors import (
     TransactionAborted,
     TransactionConflict,
 )
-from service.db.lsn import parse_lsn
 from service.db.pool import Cursor, Pool, PoolEvents
 from service.db.replicas import (
     ON_PRIMARY,
     POSITION_SQL,
+    PRIMARY,
     ReadCursor,
     ReplicaEvents,
     ReplicaSet,
@@ -190,7 +190,7 @@ def get_db(
         return current_pool().connection(timeout, autocommit or read_only)
     if read_only:
         return _read(replicas, timeout, at_least or request_position)
-    return _write(replicas.primary, timeout, autocommit)
+    return _write(replicas, timeout, autocommit)
 
 
 @contextmanager
@@ -205,16 +205,19 @@ def _read(
         raise
     read.close(None)
     seen(read.position)
+    if read.server == PRIMARY:
+        replicas.heard_primary(read.position)
     events: ReplicaEvents | None = current_app.extensions.get(EVENTS)
     if events is not None:
         events.read_on(read.server)
 
 
 @contextmanager
-def _write(pool: Pool, timeout: float | None, autocommit: bool) -> Iterator[Cursor]:
-    with pool.connection(timeout, autocommit, POSITION_SQL) as cursor:
+def _write(replicas: ReplicaSet, timeout: float | None, autocommit: bool) -> Iterator[Cursor]:
+    with replicas.primary.connection(timeout, autocommit, POSITION_SQL) as cursor:
         yield cursor
     seen(cursor.position)
+    replicas.heard_primary(cursor.position)
 
 
 def request_position() -> int:
@@ -243,7 +246,7 @@ def fetch_with_position(db: Cursor) -> list[dict]:
     block, which reads it in a round trip of its own."""
     rows = db.fetchall()
     if rows and _POSITION_COLUMN in rows[0]:
-        db.position = parse_lsn(rows[0][_POSITION_COLUMN])
+        db.took_position(rows[0][_POSITION_COLUMN])
         for row in rows:
             del row[_POSITION_COLUMN]
     return rows

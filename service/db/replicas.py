@@ -11,7 +11,11 @@ that far.
 
 `ReplicaSet` keeps, per worker, one pool per replica and a monitor greenlet per server that
 reads, every REPLICA_POLL_INTERVAL_S, each replica's replay position and whether it is still in
-recovery, and the primary's insert position (for lag in bytes and seconds). A replica is in
+recovery, and the primary's insert position (for lag in bytes and seconds). Blocks tell it the
+same in passing: a read that selects its position (service.db.with_position) selects those two
+of its replica too, and every block on the primary reads the primary's position; a monitor
+that heard as much since its last poll skips the next, so under load the monitors cost next to
+no round trips. A replica is in
 rotation while its last poll answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
 at most REPLICA_MAX_LAG_S; a replica that fails a request's connection is taken out at once,
 until its monitor sees it answer again. So a replica that refuses connections, stops
@@ -81,6 +85,13 @@ POSITION_SQL = (
     " ELSE pg_current_wal_insert_lsn() END"
 )
 _REPLICA_POLL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
+# What a read selects as one column more (service.db.with_position): the position it could have
+# seen, then what a replica monitor's poll reads, whether its server is in recovery and how far
+# it has replayed (`ReplicaSet.heard`).
+READ_POSITION_SQL = (
+    f"concat_ws(' ', ({POSITION_SQL})::text, pg_is_in_recovery()::text,"
+    " pg_last_wal_replay_lsn()::text)"
+)
 _PRIMARY_POLL = "SELECT pg_current_wal_insert_lsn()::text"
 
 # Why a read went to the primary (a metrics label).
@@ -155,6 +166,7 @@ class Replica:
     lag_bytes: int = 0
     lag_s: float = 0.0
     up_since: float = 0.0  # time.monotonic() it last came into rotation
+    heard_at: float = 0.0  # time.monotonic() a read last told its replay position (`heard`)
     ever_up: bool = False
     removed: bool = False  # its address no longer resolves, or the set is closed
     monitor: gevent.Greenlet | None = None
@@ -207,6 +219,7 @@ class ReplicaSet:
         self._connect_timeout = min(connect_timeout, PROBE_DEADLINE_S)
         self._events = events
         self.primary_position = 0
+        self._primary_heard_at = 0.0  # when a block on the primary last told its position
         self._history: deque[tuple[float, int]] = deque()
         self._advanced = Event()  # set, and replaced, after every poll
         self._wake = Event()  # set to make the monitors poll now
@@ -331,43 +344,88 @@ class ReplicaSet:
         good poll."""
         replica = self.replica(label)
         if replica is not None and replica.up:
+            replica.heard_at = 0.0
             replica.up = False
             replica.state = "down"
             log.info("replica %s: down, a request found it broken: %s", label, error)
             self._wake.set()
 
-    # The monitors: one greenlet per server, each with a connection of its own.
+    # What blocks tell: each read on a replica selects what its monitor polls for, and each
+    # block on the primary reads the primary's position; while they keep coming, the monitors
+    # skip their polls.
+
+    def heard(self, label: str, in_recovery: bool, replay: int) -> None:
+        """A read on replica `label` found it `in_recovery` and replayed up to `replay`, as its
+        monitor's poll would have. Only a replica in rotation hears it: a read that started
+        before the replica failed or was promoted never brings it back. One no longer in
+        recovery leaves the rotation at once."""
+        replica = self.replica(label)
+        if replica is None or not replica.up:
+            return
+        if not in_recovery:
+            self._update(replica, False, None)
+            return
+        replica.replay = max(replica.replay, replay)
+        replica.heard_at = time.monotonic()
+
+    def heard_primary(self, position: int | None) -> None:
+        """A block on the primary read its insert position, `position` (None: it read none):
+        blocks answer out of order, so the latest position heard counts, where a poll's always
+        does."""
+        if position is None:
+            return
+        self._primary_heard_at = time.monotonic()
+        if position > self.primary_position:
+            self._note_primary(position, self._primary_heard_at)
+
+    def _note_primary(self, position: int, now: float) -> None:
+        self.primary_position = position
+        # An entry per half poll interval at most tells lag in seconds as well as a poll did.
+        last = self._history[-1] if self._history else None
+        if last is None or (position != last[1] and now - last[0] >= self._poll_interval_s / 2):
+            self._history.append((now, position))
+        while self._history and self._history[0][0] < now - HISTORY_S:
+            self._history.popleft()
+
+    def _fresh(self, heard_at: float) -> bool:
+        return time.monotonic() - heard_at < self._poll_interval_s
+
+    # The monitors: one greenlet per server, each with a connection of its own. Each polls
+    # every poll interval, unless blocks told it as much since the last (`heard`), and at once
+    # when a read waits for a replica to catch up.
 
     def _monitor(self, replica: Replica) -> None:
         with _Poller(replica.dsn, self._connect_timeout) as poller:
+            woken = True
             while not self.closed and not replica.removed:
-                row = poller.poll(_REPLICA_POLL)
-                if row is None:
-                    self._update(replica, None, None)
+                if replica.up and not woken and self._fresh(replica.heard_at):
+                    self._update(replica, True, replica.replay)
                 else:
-                    in_recovery, replay = row
-                    self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
-                self._tick()
+                    row = poller.poll(_REPLICA_POLL)
+                    if row is None:
+                        self._update(replica, None, None)
+                    else:
+                        in_recovery, replay = row
+                        self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
+                woken = self._tick()
 
     def _monitor_primary(self) -> None:
         with _Poller(self._primary_dsn, self._connect_timeout) as poller:
+            woken = True
             while not self.closed:
-                row = poller.poll(_PRIMARY_POLL)
-                if row is not None:
-                    now = time.monotonic()
-                    self.primary_position = parse_lsn(row[0])
-                    if not self._history or self._history[-1][1] != self.primary_position:
-                        self._history.append((now, self.primary_position))
-                    while self._history and self._history[0][0] < now - HISTORY_S:
-                        self._history.popleft()
-                self._tick()
+                if woken or not self._fresh(self._primary_heard_at):
+                    row = poller.poll(_PRIMARY_POLL)
+                    if row is not None:
+                        self._note_primary(parse_lsn(row[0]), time.monotonic())
+                woken = self._tick()
 
-    def _tick(self) -> None:
-        """Tell waiting reads that positions moved, then sleep until the next poll (or a wake)."""
+    def _tick(self) -> bool:
+        """Tell waiting reads that positions moved, then sleep until the next poll or a wake;
+        whether it was a wake."""
         advanced, self._advanced = self._advanced, Event()
         advanced.set()
         self._wake.clear()
-        self._wake.wait(self._poll_interval_s * random.uniform(0.9, 1.1))
+        return self._wake.wait(self._poll_interval_s * random.uniform(0.9, 1.1))
 
     def _update(self, replica: Replica, in_recovery: bool | None, replay: int | None) -> None:
         now = time.monotonic()
@@ -376,7 +434,7 @@ class ReplicaSet:
         elif not in_recovery:
             state = "promoted"
         else:
-            replica.replay = replay or 0
+            replica.replay = max(replica.replay, replay or 0) if replica.up else replay or 0
             replica.lag_bytes = max(0, self.primary_position - replica.replay)
             replica.lag_s = self._lag_s(replica.replay, now)
             state = "lagging" if replica.lag_s > self._max_lag_s else "up"
@@ -392,11 +450,14 @@ class ReplicaSet:
             self._events.replica_state(replica.label, up, replica.lag_bytes, replica.lag_s)
 
     def _lag_s(self, replay: int, now: float) -> float:
-        """Since when the primary has been past `replay`: 0 when it is not."""
-        for seen_at, position in self._history:
-            if position > replay:
-                return now - seen_at
-        return 0.0
+        """Since when the primary has been past `replay`: 0 when it is not. From the newest
+        entry back, so a replica that keeps up costs one step, not the whole history."""
+        since = now
+        for seen_at, position in reversed(self._history):
+            if position <= replay:
+                break
+            since = seen_at
+        return now - since
 
     def report(self) -> dict[str, dict]:
         return {r.label: r.report() for r in self.replicas}
@@ -428,7 +489,7 @@ class ReadCursor:
 
     # A read may take its position in its own statement, evaluated after that statement's
     # snapshot (service.db.with_position): no round trip more.
-    position_sql = POSITION_SQL
+    position_sql = READ_POSITION_SQL
 
     @property
     def position(self) -> int | None:
@@ -437,6 +498,16 @@ class ReadCursor:
     @position.setter
     def position(self, value: int) -> None:
         self._cursor.position = value
+
+    def took_position(self, column: str) -> None:
+        """What the read selected as `position_sql`: its position, and what its server told
+        of itself, which keeps the monitors' picture fresh (`ReplicaSet.heard`)."""
+        position, _, rest = column.partition(" ")
+        self._cursor.position = parse_lsn(position)
+        if self.server != PRIMARY:
+            in_recovery, _, replay = rest.partition(" ")
+            in_recovery = in_recovery == "true"
+            self._replicas.heard(self.server, in_recovery, parse_lsn(replay) if replay else 0)
 
     def _open(self, at_least: int, exclude: str | None) -> None:
         pool, label, _ = self._replicas.route(at_least, exclude)
