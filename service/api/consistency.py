@@ -30,6 +30,8 @@ REPLICA_CATCH_UP_S. Tokens are not secrets, and are not signed: they say only ho
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flask import Flask, Response, g, has_request_context, request
 
 from service import db
@@ -50,6 +52,7 @@ def register(app: Flask) -> None:
     app.extensions[db.SEEN_POSITION] = _saw
 
 
+@lru_cache(maxsize=1024)  # the responses of a batch, and of the reads between two writes, share one
 def encode(position: int) -> str:
     return f"{VERSION}:{format_lsn(position)}"
 
@@ -96,7 +99,7 @@ def _hand_token(response: Response) -> Response:
     if seen:
         presented = g.get("read_at_least", 0)
         token = encode(max(seen, presented if presented < db.ON_PRIMARY else 0))
-        response.headers[HEADER] = token
+        response.headers.add(HEADER, token)  # no view sets it: nothing to replace
         # What werkzeug's set_cookie writes for it: a token (`1:` and an LSN in hexadecimal)
         # needs no quoting, so the header is written as it is, not built anew each time.
         response.headers.add("Set-Cookie", f"{COOKIE}={token}{_COOKIE_ATTRIBUTES}")
