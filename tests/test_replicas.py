@@ -10,6 +10,7 @@ poll interval); bench/REPLICAS.md has what was measured (`python -m bench.replic
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
 import time
@@ -172,6 +173,26 @@ def test_a_browser_carries_the_token_in_a_cookie(service):
     )
     assert again.status == 200
     assert decode(again.headers[HEADER]) >= decode(token)
+
+
+def test_a_request_refused_before_its_token_is_read_hands_no_token(service):
+    """On one keep-alive connection, a read that hands a token, then a request that a hook
+    before the token's refuses (HTTP/1.1 with no Host: 400): the refusal carries no token,
+    neither its own nor the read's before it."""
+    user_id, _ = create(service.port)
+    conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
+    try:
+        conn.request("GET", f"/users/{user_id}")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and decode(first.getheader(HEADER)) is not None
+        conn.putrequest("GET", f"/users/{user_id}", skip_host=True)
+        conn.endheaders()
+        refused = conn.getresponse()
+        assert refused.status == 400 and json.loads(refused.read())["error"]["code"] == "missing_host"
+        assert refused.getheader(HEADER) is None and refused.getheader("Set-Cookie") is None
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("delay_s", [0.05, 0.5])

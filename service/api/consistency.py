@@ -30,9 +30,10 @@ REPLICA_CATCH_UP_S. Tokens are not secrets, and are not signed: they say only ho
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from functools import lru_cache
 
-from flask import Flask, Response, g, has_request_context, request
+from flask import Flask, Response, request
 
 from service import db
 from service.db.lsn import format_lsn, parse_lsn
@@ -68,36 +69,59 @@ def decode(token: str) -> int | None:
         return None
 
 
+class _Positions:
+    """The current request's: what its reads must see, and what it wrote or could have seen."""
+
+    __slots__ = ("at_least", "seen")
+
+    def __init__(self, at_least: int) -> None:
+        self.at_least = at_least
+        self.seen = 0
+
+
+# Set by `_read_token` when a request begins and cleared by `_hand_token` when it is answered
+# (Flask runs after-request hooks for error answers too), so a request whose token was not read
+# (an earlier hook refused it) neither reads at another request's position nor hands its token.
+# A context variable, not `flask.g`: each greenlet has its own, and a lookup costs no proxy.
+_positions: ContextVar[_Positions | None] = ContextVar("consistency_positions", default=None)
+
+
 def _read_token() -> None:
-    g.seen_position = 0
-    g.read_at_least = 0
     environ = request.environ
     # Cookies are parsed only when the client sent some: most API clients send none.
     cookie = request.cookies.get(COOKIE) if "HTTP_COOKIE" in environ else None
+    at_least = 0
     for token in (environ.get(_HEADER_KEY), cookie):
         if token is None:
             continue
         position = decode(token)
         if position is None:
             metrics.token_unreadable()
-            g.read_at_least = db.ON_PRIMARY
-            return
-        g.read_at_least = max(g.read_at_least, position)
+            at_least = db.ON_PRIMARY
+            break
+        at_least = max(at_least, position)
+    _positions.set(_Positions(at_least))
 
 
 def _at_least() -> int:
-    return g.get("read_at_least", 0) if has_request_context() else 0
+    positions = _positions.get()
+    return positions.at_least if positions is not None else 0
 
 
 def _saw(position: int) -> None:
-    if has_request_context():
-        g.seen_position = max(g.get("seen_position", 0), position)
+    positions = _positions.get()
+    if positions is not None and position > positions.seen:
+        positions.seen = position
 
 
 def _hand_token(response: Response) -> Response:
-    seen = g.get("seen_position", 0)
+    positions = _positions.get()
+    if positions is None:
+        return response
+    _positions.set(None)
+    seen = positions.seen
     if seen:
-        presented = g.get("read_at_least", 0)
+        presented = positions.at_least
         token = encode(max(seen, presented if presented < db.ON_PRIMARY else 0))
         response.headers.add(HEADER, token)  # no view sets it: nothing to replace
         # What werkzeug's set_cookie writes for it: a token (`1:` and an LSN in hexadecimal)
