@@ -189,7 +189,8 @@ def test_a_request_refused_before_its_token_is_read_hands_no_token(service):
         conn.putrequest("GET", f"/users/{user_id}", skip_host=True)
         conn.endheaders()
         refused = conn.getresponse()
-        assert refused.status == 400 and json.loads(refused.read())["error"]["code"] == "missing_host"
+        assert refused.status == 400
+        assert json.loads(refused.read())["error"]["code"] == "missing_host"
         assert refused.getheader(HEADER) is None and refused.getheader("Set-Cookie") is None
     finally:
         conn.close()
