@@ -93,6 +93,21 @@ def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_serv
         replica.stop()
 
 
+def replica_set(replicated, make_pool, urls, poll_interval_s, **options) -> ReplicaSet:
+    """A replica set of `urls` over the `replicated` primary, not started."""
+    return ReplicaSet(
+        make_pool(replicated.database_url),
+        urls,
+        make_pool=make_pool,
+        poll_interval_s=poll_interval_s,
+        max_lag_s=10,
+        catch_up_s=0.1,
+        connect_timeout=5,
+        events=Events(),
+        **options,
+    )
+
+
 def test_a_url_whose_host_is_an_address_or_a_list_is_one_replica():
     url = "postgresql://u:p@127.0.0.1:5433/db"
     assert resolve_url(url) == [("127.0.0.1:5433", url)]
@@ -134,16 +149,8 @@ def test_replicas_come_and_go_as_their_name_resolves_again(replicated, make_pool
             raise answer[0]
         return answer[0]
 
-    replicas = ReplicaSet(
-        make_pool(replicated.database_url),
-        ["postgresql://replicas.test/db"],
-        make_pool=make_pool,
-        poll_interval_s=0.02,
-        max_lag_s=10,
-        catch_up_s=0.1,
-        connect_timeout=5,
-        events=Events(),
-        resolve=resolve,
+    replicas = replica_set(
+        replicated, make_pool, ["postgresql://replicas.test/db"], 0.02, resolve=resolve
     )
     replicas.start()
     try:
@@ -280,16 +287,7 @@ def test_what_a_read_tells_never_brings_a_replica_back_into_rotation(replicated,
     """A read that found its replica out of recovery takes it out at once; one that answers
     after its replica was taken out (it started before) leaves it out, replay and all, until
     the monitor's own poll."""
-    replicas = ReplicaSet(
-        make_pool(replicated.database_url),
-        list(replicated.replica_urls[:1]),
-        make_pool=make_pool,
-        poll_interval_s=10,
-        max_lag_s=10,
-        catch_up_s=0.1,
-        connect_timeout=5,
-        events=Events(),
-    )
+    replicas = replica_set(replicated, make_pool, list(replicated.replica_urls[:1]), 10)
     replicas.start()
     try:
         wait_until(lambda: all(r.up for r in replicas.replicas), 10, "the replica up")
