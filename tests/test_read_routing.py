@@ -95,16 +95,14 @@ def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_serv
 
 def replica_set(replicated, make_pool, urls, poll_interval_s, **options) -> ReplicaSet:
     """A replica set of `urls` over the `replicated` primary, not started."""
+    settings = {"max_lag_s": 10, "catch_up_s": 0.1, "connect_timeout": 5, **options}
     return ReplicaSet(
         make_pool(replicated.database_url),
         urls,
         make_pool=make_pool,
         poll_interval_s=poll_interval_s,
-        max_lag_s=10,
-        catch_up_s=0.1,
-        connect_timeout=5,
         events=Events(),
-        **options,
+        **settings,
     )
 
 
@@ -301,3 +299,35 @@ def test_what_a_read_tells_never_brings_a_replica_back_into_rotation(replicated,
         assert replicas.route(0)[1] == PRIMARY
     finally:
         replicas.close()
+
+
+def test_a_replica_stuck_behind_positions_only_blocks_told_leaves_for_lag(replicated, make_pool):
+    """Blocks on the primary keep telling a position the primary's monitor never polled (its
+    polls are skipped while they do): that position still enters the history lag is told
+    from, so a replica whose replay stopped short of it leaves the rotation for lag."""
+    replica_db = replicated.replicas[0]
+    replicas = replica_set(replicated, make_pool, [replicated.replica_urls[0]], 2, max_lag_s=1)
+    replicas.start()
+    replica_db.set_apply_delay(60)
+    try:
+        wait_until(lambda: all(r.up for r in replicas.replicas), 10, "the replica up")
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute("SELECT pg_current_wal_insert_lsn()::text")
+            written = parse_lsn(cur.fetchone()[0]) + 1  # past the replay the delay holds
+        telling = gevent.spawn(_tell_for_ever, replicas, written)
+        try:
+            [replica] = replicas.replicas
+            wait_until(lambda: replica.state == "lagging", 8, "the replica out for lag")
+            assert replicas.route(written)[1] == PRIMARY
+        finally:
+            telling.kill()
+    finally:
+        replicas.close()
+        replica_db.set_apply_delay(0)
+        replica_db.catch_up()
+
+
+def _tell_for_ever(replicas: ReplicaSet, position: int) -> None:
+    while True:
+        replicas.heard_primary(position)
+        gevent.sleep(0.01)

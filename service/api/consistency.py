@@ -49,6 +49,7 @@ _COOKIE_ATTRIBUTES = "; HttpOnly; Path=/; SameSite=Lax"
 def register(app: Flask) -> None:
     app.before_request(_read_token)
     app.after_request(_hand_token)
+    app.teardown_request(_forget)
     app.extensions[db.READ_POSITION] = _at_least
     app.extensions[db.SEEN_POSITION] = _saw
 
@@ -79,9 +80,10 @@ class _Positions:
         self.seen = 0
 
 
-# Set by `_read_token` when a request begins and cleared by `_hand_token` when it is answered
-# (Flask runs after-request hooks for error answers too), so a request whose token was not read
-# (an earlier hook refused it) neither reads at another request's position nor hands its token.
+# Set by `_read_token` when a request begins and cleared by `_forget` when it ends (Flask tears
+# every request down, whatever happened), so a request whose token was not read (an earlier
+# hook refused it) neither reads at another request's position nor hands its token, and an
+# answer Flask makes again (an after-request hook failed) still gets the token.
 # A context variable, not `flask.g`: each greenlet has its own, and a lookup costs no proxy.
 _positions: ContextVar[_Positions | None] = ContextVar("consistency_positions", default=None)
 
@@ -114,11 +116,14 @@ def _saw(position: int) -> None:
         positions.seen = position
 
 
+def _forget(exc: BaseException | None) -> None:
+    _positions.set(None)
+
+
 def _hand_token(response: Response) -> Response:
     positions = _positions.get()
     if positions is None:
         return response
-    _positions.set(None)
     seen = positions.seen
     if seen:
         presented = positions.at_least

@@ -14,15 +14,15 @@ reads, every REPLICA_POLL_INTERVAL_S, each replica's replay position and whether
 recovery, and the primary's insert position (for lag in bytes and seconds). Blocks tell it the
 same in passing: a read that selects its position (service.db.with_position) selects those two
 of its replica too, and every block on the primary reads the primary's position; a monitor
-that heard as much since its last poll skips the next, so under load the monitors cost next to
-no round trips. A replica is in
-rotation while its last poll answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
+that heard as much since its last poll skips the next (it still polls once a second), so under
+load the monitors cost next to no round trips. A replica is in rotation while its last poll
+answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
 at most REPLICA_MAX_LAG_S; a replica that fails a request's connection is taken out at once,
 until its monitor sees it answer again. So a replica that refuses connections, stops
-answering, lags or is promoted leaves the rotation within a poll interval and the probe
-deadline. One that comes back rejoins over `RAMP_S`: it takes a growing share of the reads
-meant for it, the rest going to the primary, so that every worker does not open its
-connections to it at once.
+answering, lags or is promoted leaves the rotation within two poll intervals (a read that
+answered just before may spare its monitor one poll) and the probe deadline. One that comes
+back rejoins over `RAMP_S`: it takes a growing share of the reads meant for it, the rest
+going to the primary, so that every worker does not open its connections to it at once.
 
 Choosing a server is a lookup in memory. A read whose position no replica in rotation has
 replayed wakes the monitors at once and waits up to REPLICA_CATCH_UP_S for one to catch up,
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 # A monitor's poll that gets no answer within this is a replica down (a paused server, a
 # silent network): with the poll interval, the time a dead replica stays in rotation.
 PROBE_DEADLINE_S = 0.5
+# A monitor that keeps hearing from blocks still polls this often: its own connection stays in
+# use (no idle timeout closes it), and the primary's history gets the positions heard.
+POLL_AT_LEAST_EVERY_S = 1.0
 # A replica that comes back takes this long to take its whole share of the reads.
 RAMP_S = 2.0
 RAMP_FLOOR = 0.05
@@ -369,26 +372,38 @@ class ReplicaSet:
         replica.heard_at = time.monotonic()
 
     def heard_primary(self, position: int | None) -> None:
-        """A block on the primary read its insert position, `position` (None: it read none):
-        blocks answer out of order, so the latest position heard counts, where a poll's always
-        does."""
+        """A block on the primary read its insert position, `position` (None: it read none)."""
         if position is None:
             return
         self._primary_heard_at = time.monotonic()
-        if position > self.primary_position:
-            self._note_primary(position, self._primary_heard_at)
+        self._note_primary(position, self._primary_heard_at)
 
     def _note_primary(self, position: int, now: float) -> None:
-        self.primary_position = position
-        # An entry per half poll interval at most tells lag in seconds as well as a poll did.
+        """The primary was at `position` by `now`. Blocks and polls answer out of order: the
+        latest position counts. The history, for lag in seconds, takes an entry per half poll
+        interval at most, as a poll did; a position heard in between is entered by the
+        primary's monitor at its next tick (`_enter_primary`)."""
+        if position > self.primary_position:
+            self.primary_position = position
+        self._enter_primary(now)
+
+    def _enter_primary(self, now: float) -> None:
         last = self._history[-1] if self._history else None
-        if last is None or (position != last[1] and now - last[0] >= self._poll_interval_s / 2):
+        position = self.primary_position
+        if last is None or (position > last[1] and now - last[0] >= self._poll_interval_s / 2):
             self._history.append((now, position))
         while self._history and self._history[0][0] < now - HISTORY_S:
             self._history.popleft()
 
-    def _fresh(self, heard_at: float) -> bool:
-        return time.monotonic() - heard_at < self._poll_interval_s
+    def _skips(self, woken: bool, heard_at: float, polled_at: float) -> bool:
+        """Whether a monitor may skip this poll: not woken by a read that waits, told as much
+        within a poll interval, and polled itself within POLL_AT_LEAST_EVERY_S."""
+        now = time.monotonic()
+        return (
+            not woken
+            and now - heard_at < self._poll_interval_s
+            and now - polled_at < POLL_AT_LEAST_EVERY_S
+        )
 
     # The monitors: one greenlet per server, each with a connection of its own. Each polls
     # every poll interval, unless blocks told it as much since the last (`heard`), and at once
@@ -396,11 +411,12 @@ class ReplicaSet:
 
     def _monitor(self, replica: Replica) -> None:
         with _Poller(replica.dsn, self._connect_timeout) as poller:
-            woken = True
+            woken, polled_at = True, 0.0
             while not self.closed and not replica.removed:
-                if replica.up and not woken and self._fresh(replica.heard_at):
+                if replica.up and self._skips(woken, replica.heard_at, polled_at):
                     self._update(replica, True, replica.replay)
                 else:
+                    polled_at = time.monotonic()
                     row = poller.poll(_REPLICA_POLL)
                     if row is None:
                         self._update(replica, None, None)
@@ -411,9 +427,12 @@ class ReplicaSet:
 
     def _monitor_primary(self) -> None:
         with _Poller(self._primary_dsn, self._connect_timeout) as poller:
-            woken = True
+            woken, polled_at = True, 0.0
             while not self.closed:
-                if woken or not self._fresh(self._primary_heard_at):
+                if self._skips(woken, self._primary_heard_at, polled_at):
+                    self._enter_primary(time.monotonic())
+                else:
+                    polled_at = time.monotonic()
                     row = poller.poll(_PRIMARY_POLL)
                     if row is not None:
                         self._note_primary(parse_lsn(row[0]), time.monotonic())
