@@ -28,7 +28,6 @@ from service.db.pool import Cursor, Pool, PoolEvents
 from service.db.replicas import (
     ON_PRIMARY,
     POSITION_SQL,
-    PRIMARY,
     ReadCursor,
     ReplicaEvents,
     ReplicaSet,
@@ -205,8 +204,6 @@ def _read(
         raise
     read.close(None)
     seen(read.position)
-    if read.server == PRIMARY:
-        replicas.heard_primary(read.position)
     events: ReplicaEvents | None = current_app.extensions.get(EVENTS)
     if events is not None:
         events.read_on(read.server)

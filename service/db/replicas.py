@@ -525,8 +525,8 @@ class ReadCursor:
         self._cursor.position = parse_lsn(position)
         if self.server != PRIMARY:
             in_recovery, _, replay = rest.partition(" ")
-            in_recovery = in_recovery == "true"
-            self._replicas.heard(self.server, in_recovery, parse_lsn(replay) if replay else 0)
+            replayed = parse_lsn(replay) if replay else 0
+            self._replicas.heard(self.server, in_recovery == "true", replayed)
 
     def _open(self, at_least: int, exclude: str | None) -> None:
         pool, label, _ = self._replicas.route(at_least, exclude)
@@ -579,7 +579,8 @@ class ReadCursor:
 
     def close(self, exc: BaseException | None) -> None:
         """End the block: read the position, give the connection back; or, with `exc`, hand it
-        the error. Raises what the pool raises.
+        the error. Raises what the pool raises. A position read on the primary tells the
+        primary's monitor (`ReplicaSet.heard_primary`), as `took_position` tells a replica's.
 
         A replica lost after the block's answers and before its position was read (killed in
         between) leaves the rotation, and the position is the primary's: no replica has
@@ -596,6 +597,9 @@ class ReadCursor:
             with self._replicas.primary.connection(self._timeout, True, POSITION_SQL) as primary:
                 pass
             self._cursor = primary
+            return
+        if self.server == PRIMARY:
+            self._replicas.heard_primary(self.position)
 
     def __getattr__(self, name: str):
         return getattr(self._cursor, name)
