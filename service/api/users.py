@@ -80,6 +80,7 @@ from service.db import (
     with_position,
 )
 from service.db.batch import MAX_KEYS, BatchLoader, Sending, Tracing
+from service.db.semaphore import FairSemaphore
 from service.observability import logs, metrics
 
 bp = Blueprint("users", __name__, url_prefix="/users")
@@ -172,13 +173,19 @@ def batch_loaders(replicas: bool = False, tracing: Tracing | None = None) -> dic
     statements are traced (service/db/tracing.py)."""
     options = {"at_least": request_position, "saw": _saw} if replicas else {}
     options["tracing"] = tracing
+    # One query at a time for the worker's reads, one for its writes: each kind collects its
+    # requests while the other kinds' queries run, and a write waiting for a lock never holds
+    # up a read (docs/performance.md, issue 28).
+    reads, writes = FairSemaphore(1), FairSemaphore(1)
     return {
-        LOADER: _loader(_users_by_id, metrics.lookups_answered, **options),
+        LOADER: _loader(_users_by_id, metrics.lookups_answered, permits=reads, **options),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
-        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, **options),
+        PAGES: _loader(
+            _pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, permits=reads, **options
+        ),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
-        CREATES: _loader(_create_users, **options),
-        UPDATES: _loader(_update_users, **options),
+        CREATES: _loader(_create_users, permits=writes, **options),
+        UPDATES: _loader(_update_users, permits=writes, **options),
     }
 
 
@@ -191,7 +198,10 @@ def _saw(position: int | None, server: str | None) -> None:
 
 
 def _loader(
-    fetch, answered: Callable[[int], None] | None = None, max_keys: int = MAX_KEYS, **positions
+    fetch,
+    answered: Callable[[int], None] | None = None,
+    max_keys: int = MAX_KEYS,
+    **options,
 ) -> BatchLoader:
     return BatchLoader(
         fetch,
@@ -201,7 +211,7 @@ def _loader(
         waited=logs.add_pool_wait,
         answered=answered,
         max_keys=max_keys,
-        **positions,
+        **options,
     )
 
 

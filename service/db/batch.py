@@ -3,7 +3,9 @@
 A worker under load spends its time in Python, and each database round trip costs it a pool
 checkout, a statement to build and send, and a wake-up when the answer comes, besides the
 server's own work for the statement. `BatchLoader` lets at most `in_flight` lookup queries of a
-worker run at once. A lookup that finds them all running does not queue alone: it joins the
+worker run at once, or, given `permits`, takes a permit of a semaphore that several loaders
+share, so that their queries together hold at most that many connections and each kind waits
+for the others' turns. A lookup that finds them all running does not queue alone: it joins the
 batch of every lookup that arrives while it waits, and when a query returns, one query
 (`WHERE id = ANY(...)`) answers the whole batch. Under load the batches grow by themselves; at
 low load a lookup finds a free permit and goes at once, alone, and waits for nothing. What it
@@ -125,6 +127,12 @@ class BatchLoader:
     each lookup's greenlet, how long it waited for that, and `answered(lookups)`, if given, per
     query, how many lookups it answered (a `fetch` may count what it sends itself instead).
 
+    `permits`, when given, is the semaphore whose permits its queries take instead of one of
+    its own of `in_flight`: loaders that share one take turns, first come first served, and
+    each collects its lookups while the others' queries run. A query that waits (a lock, a
+    replica catching up) then holds up every loader sharing its semaphore, for as long as the
+    statement's deadline at most.
+
     With replicas, `at_least()` is asked, in each lookup's greenlet, the position its request
     must see, and the batch must see the latest of them (`Sending.at_least`); `saw(position)`
     is told, in each lookup's greenlet, the position its query wrote or saw and the server
@@ -143,6 +151,7 @@ class BatchLoader:
         at_least: Callable[[], int] | None = None,
         saw: Callable[[int | None, str | None], None] | None = None,
         in_flight: int = IN_FLIGHT,
+        permits: FairSemaphore | None = None,
         max_keys: int = MAX_KEYS,
         tracing: Tracing | None = None,
     ) -> None:
@@ -154,7 +163,7 @@ class BatchLoader:
         self._answered = answered
         self._at_least = at_least
         self._saw = saw
-        self._slots = FairSemaphore(in_flight)
+        self._slots = permits if permits is not None else FairSemaphore(in_flight)
         self._max_keys = max_keys
         self._tracing = tracing
         self._batch: _Batch | None = None
