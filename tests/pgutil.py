@@ -123,14 +123,17 @@ class Sampler(Generic[T]):
 
 
 @contextmanager
-def users_locked(dsn: str, application_name: str = "") -> Iterator[None]:
-    """Hold ACCESS EXCLUSIVE on `users` for the block: every statement on it waits. The lock
-    holder's connection goes by `application_name`, if given."""
+def users_locked(
+    dsn: str, application_name: str = "", mode: str = "ACCESS EXCLUSIVE"
+) -> Iterator[None]:
+    """Hold a lock on `users` for the block: with ACCESS EXCLUSIVE every statement on it waits,
+    with EXCLUSIVE every write and reads go on. The lock holder's connection goes by
+    `application_name`, if given."""
     conn = psycopg2.connect(dsn, connect_timeout=5, application_name=application_name)
     try:
         with conn.cursor() as cur:
             cur.execute("SET LOCAL lock_timeout = '5s'")
-            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            cur.execute(f"LOCK TABLE users IN {mode} MODE")
         yield
     finally:
         conn.rollback()

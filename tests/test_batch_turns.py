@@ -1,0 +1,80 @@
+"""Batch loaders that share permits (service/api/users.py): a worker's reads by id and pages
+take turns with one query at a time, its creates and updates likewise, and a write stuck on a
+lock never holds up a read. Real greenlets against the real server.
+
+A lock on `users` held by the test stops the first statement in the database, with its
+connection, as in tests/test_batch_writes.py; what the other kinds do meanwhile is the test.
+"""
+
+import gevent
+from gunicorn_proc import wait_until
+from pgutil import seed_users, users_locked
+from prometheus_client import REGISTRY
+
+from service import db
+from service.api import users
+
+
+def counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"{name}_total", labels) or 0.0
+
+
+def in_use(app) -> int:
+    return app.extensions[db.EXTENSION].stats()["in_use"]
+
+
+def test_lookups_wait_for_a_page_query_and_go_together_after_it(make_app, admin, database_url):
+    ids = seed_users(admin, 5)
+    app = make_app(DB_POOL_MAX=5)
+    client = app.test_client()
+    lookups, lookup_queries = counted("db_lookups"), counted("db_lookup_queries")
+    pages, page_queries = counted("db_pages"), counted("db_page_queries")
+
+    with users_locked(database_url):
+        first = gevent.spawn(client.get, "/users?limit=2")
+        wait_until(lambda: in_use(app) == 1, 5, "the page query on the lock")
+        reads = [gevent.spawn(client.get, f"/users/{uid}") for uid in ids[:3]]
+        later_page = gevent.spawn(client.get, "/users?limit=3")
+        wait_until(lambda: app.extensions[users.LOADER].waiting == 3, 5, "the lookups")
+        wait_until(lambda: app.extensions[users.PAGES].waiting == 1, 5, "the second page")
+        # None of them took a connection of its own: the page query holds the reads' turn.
+        assert in_use(app) == 1
+    gevent.joinall([first, *reads, later_page], timeout=10, raise_error=True)
+
+    assert first.value.status_code == 200
+    assert [u["id"] for u in first.value.json["users"]] == sorted(ids, reverse=True)[:2]
+    assert [r.value.json["id"] for r in reads] == ids[:3]
+    assert [u["id"] for u in later_page.value.json["users"]] == sorted(ids, reverse=True)[:3]
+    # The three lookups went in one query once the page's had returned.
+    assert counted("db_lookups") - lookups == 3
+    assert counted("db_lookup_queries") - lookup_queries == 1
+    assert counted("db_pages") - pages == 2
+    assert counted("db_page_queries") - page_queries == 2
+
+
+def test_writes_take_turns_and_a_write_on_a_lock_holds_up_no_read(make_app, admin, database_url):
+    ids = seed_users(admin, 2)
+    app = make_app(DB_POOL_MAX=5)
+    client = app.test_client()
+    statements = {kind: counted("db_batch_statements", kind=kind) for kind in ("create", "update")}
+
+    # EXCLUSIVE: writes to `users` wait for the lock, reads go on.
+    with users_locked(database_url, mode="EXCLUSIVE"):
+        create = gevent.spawn(client.post, "/users", json={"name": "new", "email": "n@x.org"})
+        wait_until(lambda: in_use(app) == 1, 5, "the create on the lock")
+        update = gevent.spawn(client.patch, f"/users/{ids[0]}", json={"name": "renamed"})
+        wait_until(lambda: app.extensions[users.UPDATES].waiting == 1, 5, "the update")
+        assert in_use(app) == 1  # the update waits for the create's turn, with no connection
+
+        read = client.get(f"/users/{ids[1]}")  # its own turn, its own connection, at once
+        page = client.get("/users?limit=1")
+        assert (read.status_code, read.json["id"]) == (200, ids[1])
+        assert (page.status_code, page.json["users"][0]["id"]) == (200, ids[1])
+        assert not create.ready() and not update.ready()
+    gevent.joinall([create, update], timeout=10, raise_error=True)
+
+    assert create.value.status_code == 201
+    assert (update.value.status_code, update.value.json["name"]) == (200, "renamed")
+    assert counted("db_batch_statements", kind="create") - statements["create"] == 1
+    assert counted("db_batch_statements", kind="update") - statements["update"] == 1
+    assert app.extensions[users.UPDATES].waiting == 0
