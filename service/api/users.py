@@ -12,7 +12,9 @@ kind share a statement: reads one `WHERE id = ANY(...)`, pages one `CROSS JOIN L
 the pages asked for (requests for the same page share its rows), creates one `INSERT ...
 SELECT FROM unnest(...) ON CONFLICT (email) DO NOTHING`, updates one `UPDATE ... FROM
 unnest(...)`. A request never joins a statement already sent, so it sees every write
-committed before it was asked. A delete is a statement of its own.
+committed before it was asked. A delete is a statement of its own. A worker's reads by id and
+pages take turns, one statement at a time, and so do its creates and updates: each kind
+collects its requests while the other's statement runs (`batch_loaders`).
 
 A statement is one transaction: a batch's writes are stored together or not at all, and each
 request is answered once its statement committed. Concurrent requests have no order among
