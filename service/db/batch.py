@@ -2,8 +2,8 @@
 
 A worker under load spends its time in Python, and each database round trip costs it a pool
 checkout, a statement to build and send, and a wake-up when the answer comes, besides the
-server's own work for the statement. `BatchLoader` lets at most `in_flight` lookup queries of a
-worker run at once, or, given `permits`, takes a permit of a semaphore that several loaders
+server's own work for the statement. `BatchLoader` lets one lookup query of a worker run at a
+time (`IN_FLIGHT`), or, given `permits`, takes a permit of a semaphore that several loaders
 share, so that their queries together hold at most that many connections and each kind waits
 for the others' turns. A lookup that finds them all running does not queue alone: it joins the
 batch of every lookup that arrives while it waits, and when a query returns, one query
@@ -113,7 +113,8 @@ class Tracing(Protocol):
 
 
 class BatchLoader:
-    """Lookups by key for one worker's greenlets: at most `in_flight` queries at once.
+    """Lookups by key for one worker's greenlets: one query at a time, or one per permit of
+    `permits`.
 
     `fetch(waited_s, connected)` runs one query and returns its rows by key, a key without a
     row left out, or an exception for a key whose lookup alone should raise it. `waited_s` is
@@ -128,10 +129,10 @@ class BatchLoader:
     query, how many lookups it answered (a `fetch` may count what it sends itself instead).
 
     `permits`, when given, is the semaphore whose permits its queries take instead of one of
-    its own of `in_flight`: loaders that share one take turns, first come first served, and
-    each collects its lookups while the others' queries run. A query that waits (a lock, a
-    replica catching up) then holds up every loader sharing its semaphore, for as long as the
-    statement's deadline at most.
+    its own of `IN_FLIGHT`: loaders that share one take turns, first come first served, and
+    each collects its lookups while the others' queries run. A query that waits (for a lock,
+    for a replica to catch up) then holds up every loader sharing its semaphore, for the
+    catch-up wait and the statement's deadline at most.
 
     With replicas, `at_least()` is asked, in each lookup's greenlet, the position its request
     must see, and the batch must see the latest of them (`Sending.at_least`); `saw(position)`
@@ -150,7 +151,6 @@ class BatchLoader:
         answered: Callable[[int], None] | None = None,
         at_least: Callable[[], int] | None = None,
         saw: Callable[[int | None, str | None], None] | None = None,
-        in_flight: int = IN_FLIGHT,
         permits: FairSemaphore | None = None,
         max_keys: int = MAX_KEYS,
         tracing: Tracing | None = None,
@@ -163,7 +163,7 @@ class BatchLoader:
         self._answered = answered
         self._at_least = at_least
         self._saw = saw
-        self._slots = permits if permits is not None else FairSemaphore(in_flight)
+        self._slots = permits if permits is not None else FairSemaphore(IN_FLIGHT)
         self._max_keys = max_keys
         self._tracing = tracing
         self._batch: _Batch | None = None
