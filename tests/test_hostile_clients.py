@@ -36,7 +36,8 @@ from bench.hostile import (
 
 WORKER_CONNECTIONS = 150
 # Fewer than one worker's slots: the kernel may hand them all to one worker, and a worker with
-# no slot left sheds a connection whose head it has not read yet, stalled body or not.
+# no slot left sheds a connection that has sent nothing yet, as a stalled body's may not have
+# when it is accepted.
 STALLED = WORKER_CONNECTIONS - 30
 ATTACKERS = 2 * WORKER_CONNECTIONS + 100
 DEADLINE_S = 3
