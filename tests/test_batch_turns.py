@@ -9,14 +9,11 @@ connection, as in tests/test_batch_writes.py; what the other kinds do meanwhile 
 import gevent
 from gunicorn_proc import wait_until
 from pgutil import seed_users, users_locked
-from prometheus_client import REGISTRY
+from test_batch_pages import counted
+from test_batch_writes import counted as counted_kind
 
 from service import db
 from service.api import users
-
-
-def counted(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(f"{name}_total", labels) or 0.0
 
 
 def in_use(app) -> int:
@@ -56,7 +53,7 @@ def test_writes_take_turns_and_a_write_on_a_lock_holds_up_no_read(make_app, admi
     ids = seed_users(admin, 2)
     app = make_app(DB_POOL_MAX=5)
     client = app.test_client()
-    statements = {kind: counted("db_batch_statements", kind=kind) for kind in ("create", "update")}
+    statements = {kind: counted_kind("db_batch_statements", kind) for kind in ("create", "update")}
 
     # EXCLUSIVE: writes to `users` wait for the lock, reads go on.
     with users_locked(database_url, mode="EXCLUSIVE"):
@@ -75,6 +72,6 @@ def test_writes_take_turns_and_a_write_on_a_lock_holds_up_no_read(make_app, admi
 
     assert create.value.status_code == 201
     assert (update.value.status_code, update.value.json["name"]) == (200, "renamed")
-    assert counted("db_batch_statements", kind="create") - statements["create"] == 1
-    assert counted("db_batch_statements", kind="update") - statements["update"] == 1
+    assert counted_kind("db_batch_statements", "create") - statements["create"] == 1
+    assert counted_kind("db_batch_statements", "update") - statements["update"] == 1
     assert app.extensions[users.UPDATES].waiting == 0
