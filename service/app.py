@@ -7,8 +7,11 @@ exit; tests build an app and open its pool themselves (`service.db.open_pool`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response, request
+from flask.sessions import NullSession, SessionInterface
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge, RequestTimeout
 
 from config import Settings, load_settings
@@ -24,8 +27,41 @@ MAX_BODY_BYTES = 1 << 20
 ACCEPTED_CODINGS = frozenset({"", "identity"})
 
 
+class NoSessions(SessionInterface):
+    """The service keeps no sessions: every request gets the same `NullSession`, empty, which
+    refuses every change, where Flask's default builds a signing serializer and a null session
+    for each request. Nothing is saved, and no cookie is read or set."""
+
+    null = NullSession()
+
+    def open_session(self, app: Flask, req: Any) -> NullSession:
+        return self.null
+
+    def save_session(self, app: Flask, session: Any, response: Response) -> None:
+        pass
+
+
+class ServiceFlask(Flask):
+    """Flask, asking once per function whether a view or hook must run through
+    `async_to_sync`, where Flask asks `inspect.iscoroutinefunction` for each of them on every
+    request. The functions are those the app registered, so the answers are as many. No
+    sessions (`NoSessions`)."""
+
+    session_interface = NoSessions()
+
+    def __init__(self, import_name: str) -> None:
+        super().__init__(import_name)
+        self._runnable: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        runnable = self._runnable.get(func)
+        if runnable is None:
+            runnable = self._runnable[func] = super().ensure_sync(func)
+        return runnable
+
+
 def create_app(settings: Settings | None = None) -> Flask:
-    app = Flask(__name__)
+    app = ServiceFlask(__name__)
     settings = app.config["SETTINGS"] = settings or load_settings(os.environ)
     replicas = bool(settings.database_replica_urls)
     traced = tracing.configured(os.environ)

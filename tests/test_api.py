@@ -8,6 +8,7 @@ import base64
 import time
 from datetime import UTC, datetime
 
+import flask
 import gevent
 import psycopg2
 import pytest
@@ -16,6 +17,7 @@ from loadgen import join_all
 from pgutil import only_connection_held, seed_users
 
 from service import db
+from service.app import create_app
 
 TOO_BIG = 2**63
 
@@ -676,3 +678,48 @@ def test_readyz_gives_503_within_a_second_when_the_server_never_answers(make_app
     assert time.monotonic() - started < 1 + 1
     assert_retry_later(response, "database_unavailable")
     assert pool_stats(app)["in_use"] == 0
+
+
+def test_a_hook_is_judged_sync_or_async_once_not_on_every_request(make_settings):
+    """Flask asks of every view and hook, on every request, whether it is a coroutine
+    function; the app asks once per function (service/app.py's ServiceFlask)."""
+    looked_up = []
+
+    class Hook:
+        def __call__(self) -> None:
+            return None
+
+        def __getattr__(self, name: str):  # what inspect reads to judge a callable
+            looked_up.append(name)
+            raise AttributeError(name)
+
+    app = create_app(make_settings())
+    app.before_request(Hook())
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    judged = len(looked_up)
+    assert judged > 0
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz").status_code == 200
+    assert len(looked_up) == judged
+
+
+def test_every_request_shares_one_null_session_that_refuses_changes(make_settings):
+    """The service keeps no sessions: each request gets the same null session (service/app.py's
+    NoSessions) instead of a new one, and a change to it fails as Flask's own null session's
+    would; no request sets a cookie."""
+    app = create_app(make_settings())
+    sessions = []
+
+    @app.get("/session-probe")
+    def probe():
+        sessions.append(flask.session._get_current_object())
+        with pytest.raises(RuntimeError, match="session is unavailable"):
+            flask.session["user"] = 1
+        return "", 204
+
+    client = app.test_client()
+    responses = [client.get("/session-probe") for _ in range(2)]
+    assert [response.status_code for response in responses] == [204, 204]
+    assert sessions[0] is sessions[1]
+    assert all("Set-Cookie" not in response.headers for response in responses)
