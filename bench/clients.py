@@ -156,7 +156,7 @@ def get(port: int, path: str, request_id: str | None = None) -> tuple[int, dict 
 
 def access_lines(log_paths: Iterable[Path], prefix: str) -> dict[str, dict]:
     """The service's access lines of the requests whose id starts with `prefix`, by id."""
-    marker = f'"request_id": "{prefix}'
+    marker = f'"request_id":"{prefix}'
     found = {}
     for path in log_paths:
         with open(path, errors="replace") as log:

@@ -19,7 +19,7 @@ from pgutil import APP_NAME, seed_users, users_locked, waiting_on_lock
 
 from service import db
 from service.app import create_app
-from service.observability.logs import redact
+from service.observability.logs import JsonFormatter, redact
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "pid"}
 ACCESS_FIELDS = {"method", "route", "path", "status", "duration_ms", "pool_wait_ms", "remote_addr"}
@@ -201,6 +201,33 @@ def test_lines_outside_a_request_have_no_id_and_carry_their_traceback(log_lines)
     assert line["level"] == "ERROR"
     assert line["request_id"] is None
     assert "ValueError: boom" in line["exception"]
+
+
+def test_every_line_is_ascii_json_whatever_text_it_carries(client, capsys):
+    """Lines are encoded by orjson, which writes non-ASCII text as UTF-8 and refuses a lone
+    surrogate; the standard library's encoder then writes the same line with `\\u` escapes."""
+    logger = logging.getLogger("service")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the access lines' level
+    try:
+        client.get("/caf%C3%A9", headers={"X-Request-ID": "non-ascii"})
+        logger.warning("x\ud800")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    written = capsys.readouterr().out
+    assert written.isascii()
+    [access, record] = [json.loads(line) for line in written.splitlines()]
+    assert (access["request_id"], access["path"], access["status"]) == (
+        "non-ascii",
+        "/caf\u00e9",
+        404,
+    )
+    assert record["message"] == "x\ud800"
 
 
 def test_passwords_are_masked_in_messages_and_tracebacks(log_lines):

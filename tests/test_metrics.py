@@ -191,7 +191,7 @@ def served_by(gunicorn: Gunicorn, route: str) -> list[int]:
 
 def served_by_request(gunicorn: Gunicorn, request_id: str) -> int:
     """The pid of the worker that wrote the access line of the request with this id."""
-    lines = (json.loads(line) for line in gunicorn.log_lines(f'"request_id": "{request_id}"'))
+    lines = (json.loads(line) for line in gunicorn.log_lines(f'"request_id":"{request_id}"'))
     return next(line["pid"] for line in lines if line["logger"] == "service.access")
 
 

@@ -1,8 +1,10 @@
 """Logs as JSON lines, and the request id that ties one request's lines together.
 
-Every line is one JSON object: `time` (ISO 8601, UTC), `level`, `logger`, `message`,
-`request_id` (null outside a request) and `pid`, plus `exception` when there is one. gunicorn
-routes its own log and the app's through `JsonFormatter` to stdout (`gunicorn.conf.py`).
+Every line is one JSON object, compact and ASCII only (other text as `\\u` escapes): `time`
+(ISO 8601, UTC), `level`, `logger`, `message`, `request_id` (null outside a request) and
+`pid`, plus `exception` when there is one. gunicorn routes its own log and the app's through
+`JsonFormatter` to stdout (`gunicorn.conf.py`). orjson encodes them; the standard library's
+encoder writes what orjson refuses or would write as UTF-8 (`_encode`).
 
 One access line per request, written by the app once the response is built, so that it knows
 what gunicorn cannot: the route that matched, how long the request waited for a database
@@ -12,8 +14,8 @@ past `logging`'s records, hierarchy and handler lock (docs/performance.md); the
 `service.access` logger's level still switches it off (above INFO).
 
 The request id comes from the `X-Request-ID` header when it is safe to echo (1-128 of
-`A-Z a-z 0-9 . _ -`), else it is a new uuid4; it is sent back on every response, errors
-included.
+`A-Z a-z 0-9 . _ -`), else it is 32 random hex digits (16 bytes of `os.urandom`, as a uuid4
+has); it is sent back on every response, errors included.
 
 Passwords in connection URLs and `password=...` pairs are masked in every message and traceback,
 a last guard behind the code that never logs a DSN with its password.
@@ -31,9 +33,9 @@ import os
 import re
 import sys
 import time
-import uuid
 from contextvars import ContextVar
 
+import orjson
 from flask import Flask, Response, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -46,7 +48,7 @@ _SECRETS = re.compile(
 
 access_log = logging.getLogger("service.access")
 # json.dumps builds a new encoder whenever it is given an option; this one is built once.
-_encode = json.JSONEncoder(default=str).encode
+_encode_stdlib = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
 
 class RequestLog:
@@ -94,7 +96,7 @@ def register(app: Flask) -> None:
 
 def _begin() -> None:
     sent = request.headers.get(REQUEST_ID_HEADER)
-    request_id = sent if sent and _SAFE_REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    request_id = sent if sent and _SAFE_REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
     _current.set(RequestLog(request_id, time.perf_counter()))
 
 
@@ -169,6 +171,17 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return _encode(line)
+
+
+def _encode(line: dict) -> str:
+    """`line` as compact JSON, ASCII only (non-ASCII text as `\\u` escapes): by orjson, or,
+    for what orjson refuses (a lone surrogate, an int beyond 64 bits) or writes as UTF-8, by
+    the standard library's encoder, which writes the same line with escapes."""
+    try:
+        text = orjson.dumps(line, default=str)
+    except orjson.JSONEncodeError:
+        return _encode_stdlib(line)
+    return text.decode() if text.isascii() else _encode_stdlib(line)
 
 
 def _line(
