@@ -14,7 +14,10 @@ SELECT FROM unnest(...) ON CONFLICT (email) DO NOTHING`, updates one `UPDATE ...
 unnest(...)`. A request never joins a statement already sent, so it sees every write
 committed before it was asked. A delete is a statement of its own. A worker's reads by id and
 pages take turns, one statement at a time, and so do its creates and updates: each kind
-collects its requests while the other's statement runs (`batch_loaders`).
+collects its requests while the other's statement runs. Reads and writes take turns too, but a
+read's statement waits for a write's (or the reverse) TURN_WAIT_S at most, and then goes: a
+write stuck on a lock, or a read waiting for a replica, holds up the other side that long per
+statement, no longer (`batch_loaders`).
 
 A statement is one transaction: a batch's writes are stored together or not at all, and each
 request is answered once its statement committed. Concurrent requests have no order among
@@ -92,6 +95,7 @@ CREATES = "service.api.users.creates"
 UPDATES = "service.api.users.updates"
 
 PAGES_PER_QUERY = 50  # requests; a page asked twice is fetched once
+TURN_WAIT_S = 0.05  # the longest a read's query waits for a write's to end, and the reverse
 _COLUMNS = "id, name, email, created_at"
 _USER_ID = {"user_id": "a user id; anything that is not one gives 404"}
 _TAKEN = {409: "email already taken"}
@@ -175,10 +179,12 @@ def batch_loaders(replicas: bool = False, tracing: Tracing | None = None) -> dic
     statements are traced (service/db/tracing.py)."""
     options = {"at_least": request_position, "saw": _saw} if replicas else {}
     options["tracing"] = tracing
-    # One query at a time for the worker's reads, one for its writes: each kind collects its
-    # requests while the other kinds' queries run, and a write waiting for a lock never holds
-    # up a read (docs/performance.md, issue 28).
+    # One query at a time for the worker's reads, one for its writes, and the two take turns:
+    # each kind collects its requests while the other kinds' queries run. A write waiting for a
+    # lock holds up a read by TURN_WAIT_S at most, and a read waiting for a replica holds up a
+    # write as long (docs/performance.md, issue 28).
     reads, writes = FairSemaphore(1), FairSemaphore(1)
+    options["turns"], options["turn_wait_s"] = FairSemaphore(1), TURN_WAIT_S
     return {
         LOADER: _loader(_users_by_id, metrics.lookups_answered, permits=reads, **options),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.

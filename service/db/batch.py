@@ -5,11 +5,12 @@ checkout, a statement to build and send, and a wake-up when the answer comes, be
 server's own work for the statement. `BatchLoader` lets one lookup query of a worker run at a
 time (`IN_FLIGHT`), or, given `permits`, takes a permit of a semaphore that several loaders
 share, so that their queries together hold at most that many connections and each kind waits
-for the others' turns. A lookup that finds them all running does not queue alone: it joins the
-batch of every lookup that arrives while it waits, and when a query returns, one query
-(`WHERE id = ANY(...)`) answers the whole batch. Under load the batches grow by themselves; at
-low load a lookup finds a free permit and goes at once, alone, and waits for nothing. What it
-is worth on the realistic mix: docs/performance.md.
+for the others' turns; given `turns` too, loaders of different permits take turns as well,
+each waiting a bounded time for the other's query. A lookup that finds them all running does
+not queue alone: it joins the batch of every lookup that arrives while it waits, and when a
+query returns, one query (`WHERE id = ANY(...)`) answers the whole batch. Under load the
+batches grow by themselves; at low load a lookup finds a free permit and goes at once, alone,
+and waits for nothing. What it is worth on the realistic mix: docs/performance.md.
 
 A lookup never joins a query already sent, so it sees every write committed before it was
 asked, just as a query of its own would.
@@ -134,6 +135,11 @@ class BatchLoader:
     for a replica to catch up) then holds up every loader sharing its semaphore, for the
     catch-up wait and the statement's deadline at most.
 
+    `turns`, when given, is a semaphore of one permit that loaders with different `permits`
+    share: a query with its permit then waits for the turn, still collecting lookups, but for
+    `turn_wait_s` at most, and goes without it after that. So their queries normally run one
+    at a time, and a query that waits holds up the others by `turn_wait_s` at most, each.
+
     With replicas, `at_least()` is asked, in each lookup's greenlet, the position its request
     must see, and the batch must see the latest of them (`Sending.at_least`); `saw(position)`
     is told, in each lookup's greenlet, the position its query wrote or saw and the server
@@ -152,6 +158,8 @@ class BatchLoader:
         at_least: Callable[[], int] | None = None,
         saw: Callable[[int | None, str | None], None] | None = None,
         permits: FairSemaphore | None = None,
+        turns: FairSemaphore | None = None,
+        turn_wait_s: float = 0.0,
         max_keys: int = MAX_KEYS,
         tracing: Tracing | None = None,
     ) -> None:
@@ -164,6 +172,8 @@ class BatchLoader:
         self._at_least = at_least
         self._saw = saw
         self._slots = permits if permits is not None else FairSemaphore(IN_FLIGHT)
+        self._turns = turns
+        self._turn_wait_s = turn_wait_s
         self._max_keys = max_keys
         self._tracing = tracing
         self._batch: _Batch | None = None
@@ -241,8 +251,13 @@ class BatchLoader:
 
     def _send(self, batch: _Batch, key: Hashable, asked: float, deadline: float) -> Any:
         try:
+            turns = self._turns
             if not self._slots.try_acquire():
-                self._collect(batch, asked, deadline)
+                has_turn = self._collect(batch, asked, deadline)
+            elif turns is not None and not turns.try_acquire():
+                has_turn = self._collect(batch, asked, deadline, holding=True)
+            else:
+                has_turn = turns is not None
             waited_s = time.perf_counter() - asked
             try:
                 self._waited(waited_s)
@@ -250,6 +265,8 @@ class BatchLoader:
                 with tracing.serving(batch.links) if tracing is not None else nullcontext():
                     batch.rows = self._fetch(waited_s, Sending(self, batch))
             finally:
+                if has_turn:
+                    turns.release()
                 self._slots.release()
             if self._answered is not None:
                 self._answered(len(batch.keys))
@@ -266,19 +283,30 @@ class BatchLoader:
             batch.done.set()
         return _answer(batch, key)
 
-    def _collect(self, batch: _Batch, asked: float, deadline: float) -> None:
-        """Wait for a turn, while later lookups join `batch`."""
+    def _collect(self, batch: _Batch, asked: float, deadline: float, holding: bool = False) -> bool:
+        """Wait for a permit (unless `holding` one), then for the worker's turn, up to
+        `turn_wait_s`, while later lookups join `batch`; whether it got the turn. Raises
+        `timed_out()` when no permit came by `deadline`."""
         self._batch = batch
         self._count(batch, 1)
         try:
-            turned = self._slots.acquire(max(0.0, deadline - time.perf_counter()))
+            if not holding and not self._slots.acquire(max(0.0, deadline - time.perf_counter())):
+                self._waited(time.perf_counter() - asked)
+                raise self._timed_out()
+            if self._turns is None:
+                return False
+            if self._turns.try_acquire():  # free: nobody else's query runs
+                return True
+            try:
+                wait_s = min(self._turn_wait_s, max(0.0, deadline - time.perf_counter()))
+                return self._turns.acquire(wait_s)
+            except BaseException:  # killed: the permit goes back
+                self._slots.release()
+                raise
         finally:
             self._count(batch, -1)  # the pool counts it, if it now waits for a connection
             if self._batch is batch:
                 self._batch = None
-        if not turned:
-            self._waited(time.perf_counter() - asked)
-            raise self._timed_out()
 
     def _sent(self, batch: _Batch) -> list[Hashable]:
         batch.sent_at = time.perf_counter()
