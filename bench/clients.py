@@ -155,15 +155,17 @@ def get(port: int, path: str, request_id: str | None = None) -> tuple[int, dict 
 
 
 def access_lines(log_paths: Iterable[Path], prefix: str) -> dict[str, dict]:
-    """The service's access lines of the requests whose id starts with `prefix`, by id."""
-    marker = f'"request_id":"{prefix}'
+    """The service's access lines of the requests whose id starts with `prefix`, by id, in
+    compact JSON (as the service writes them) or not."""
     found = {}
     for path in log_paths:
         with open(path, errors="replace") as log:
             for text in log:
-                if marker in text and '"service.access"' in text:
+                if prefix in text and '"service.access"' in text:
                     line = json.loads(text)
-                    found[line["request_id"]] = line
+                    request_id = line.get("request_id") or ""
+                    if line.get("logger") == "service.access" and request_id.startswith(prefix):
+                        found[request_id] = line
     return found
 
 
