@@ -19,7 +19,7 @@ from pgutil import APP_NAME, seed_users, users_locked, waiting_on_lock
 
 from service import db
 from service.app import create_app
-from service.observability.logs import JsonFormatter, redact
+from service.observability.logs import redact
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "pid"}
 ACCESS_FIELDS = {"method", "route", "path", "status", "duration_ms", "pool_wait_ms", "remote_addr"}
@@ -203,21 +203,12 @@ def test_lines_outside_a_request_have_no_id_and_carry_their_traceback(log_lines)
     assert "ValueError: boom" in line["exception"]
 
 
-def test_every_line_is_ascii_json_whatever_text_it_carries(client, capsys):
+def test_every_line_is_ascii_json_whatever_text_it_carries(client, log_lines, capsys):
     """Lines are encoded by orjson, which writes non-ASCII text as UTF-8 and refuses a lone
-    surrogate; the standard library's encoder then writes the same line with `\\u` escapes."""
-    logger = logging.getLogger("service")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)  # the access lines' level
-    try:
-        client.get("/caf%C3%A9", headers={"X-Request-ID": "non-ascii"})
-        logger.warning("x\ud800")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    surrogate; the standard library's encoder then writes the same line with `\\u` escapes.
+    `log_lines` routes the lines to stdout; the raw text is read here, before any parsing."""
+    client.get("/caf%C3%A9", headers={"X-Request-ID": "non-ascii"})
+    logging.getLogger("service").warning("x\ud800")
 
     written = capsys.readouterr().out
     assert written.isascii()
