@@ -6,7 +6,9 @@ Through real gunicorn workers, tests/test_faults.py storms a stalled database wi
 that lookups and their queries add up across workers.
 """
 
+import gc
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -465,6 +467,55 @@ def test_a_key_answered_with_an_exception_raises_it_in_its_lookup_alone(make_poo
     assert isinstance(rest[1].exception, LookupError)
     assert rest[1].exception.args == (f"{ids[2]} alone",)
     assert shared.waiting == 0
+
+
+def test_an_exception_a_lookup_raises_is_freed_once_its_caller_lets_go_of_it():
+    """No reference cycle keeps a raised answer, its batch and the batch's rows until the
+    cyclic garbage collector runs, whether the lookup sent its query or joined a batch."""
+    started, release, raised = [], Event(), []
+
+    class Alone(Exception):
+        pass
+
+    def fetch(waited_s, connected):
+        keys = connected()
+        started.append(keys)
+        release.wait(5)
+        answers = {key: Alone(key) for key in keys}
+        raised.extend(weakref.ref(answer) for answer in answers.values())
+        return answers
+
+    shared = BatchLoader(
+        fetch,
+        turn_timeout=lambda: 5.0,
+        answer_timeout=lambda: 5.0,
+        timed_out=lambda: TimeoutError("no turn"),
+        waited=lambda s: None,
+    )
+
+    def ask(key):
+        try:
+            shared.get(key)
+        except Alone as exc:
+            return exc.args
+        return None
+
+    gc.disable()
+    try:
+        first = gevent.spawn(ask, 1)  # finds the permit free: its query runs at once
+        wait_until(lambda: started, 5, "the first query")
+        sender = gevent.spawn(ask, 2)
+        wait_until(lambda: shared.waiting == 1, 5, "the sender to collect")
+        follower = gevent.spawn(ask, 3)
+        wait_until(lambda: shared.waiting == 2, 5, "the follower to join")
+        release.set()
+        gevent.joinall([first, sender, follower], timeout=10)
+
+        assert [g.value for g in (first, sender, follower)] == [(1,), (2,), (3,)]
+        assert started == [[1], [2, 3]]
+        assert [answer() for answer in raised] == [None, None, None]
+    finally:
+        gc.enable()
 
 
 def test_when_the_sender_runs_out_of_time_the_others_go_on_with_theirs(make_pool, admin):

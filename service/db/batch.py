@@ -207,11 +207,19 @@ class BatchLoader:
             if self._join(batch, key, link, asked, deadline):
                 if batch.error is not None:
                     raise _again(batch.error) from batch.error
-                answer = _answer(batch, key)
+                answer = batch.rows.get(key)
                 break
             # Its sender gave up before the query held a connection: this one goes on.
         if self._saw is not None:
             self._saw(batch.position, batch.server)
+        if isinstance(answer, BaseException):
+            try:
+                raise answer
+            finally:
+                # Raised, the exception holds this frame (its traceback): were the answer or
+                # the batch, whose rows hold it, still in the frame, the exception, the batch
+                # and every row of it would be a reference cycle, left for the cyclic collector.
+                answer = batch = None
         return answer
 
     def _join(
@@ -281,7 +289,7 @@ class BatchLoader:
         finally:
             self._close(batch)  # given up unsent, if it got no connection
             batch.done.set()
-        return _answer(batch, key)
+        return batch.rows.get(key)  # an exception too: `_get` raises it
 
     def _collect(self, batch: _Batch, asked: float, deadline: float, holding: bool = False) -> bool:
         """Wait for a permit (unless `holding` one), then for the worker's turn, up to
@@ -338,14 +346,6 @@ def _wait(event: Event, timeout: float) -> None:
     """
     if not event.is_set():
         event.wait(timeout)
-
-
-def _answer(batch: _Batch, key: Hashable) -> Any:
-    """`key`'s row in its batch's answer, or None; or what `fetch` answered it with, raised."""
-    answer = batch.rows.get(key)
-    if isinstance(answer, BaseException):
-        raise answer
-    return answer
 
 
 def _again(error: BaseException) -> BaseException:
