@@ -45,9 +45,14 @@ class Events:
         self.retries.append(label)
 
 
-def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_server(replicated):
+@pytest.mark.parametrize("hung_up", [False, True], ids=["client-there", "client-gone"])
+def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_server(
+    replicated, hung_up
+):
     """With max_standby_streaming_delay 0, a VACUUM on the primary cancels (SQLSTATE 40001) a
-    replica's query that still reads the rows it removed: the block never sees it."""
+    replica's query that still reads the rows it removed: the block never sees it. Nor does it
+    see that its client hung up once its read was under way (`ClientGone` is for a block that
+    sent nothing): a batch's read answers other requests too."""
     replica = replicated.primary.start_replica({"max_standby_streaming_delay": "0"})
     table = f"doomed_{secrets.token_hex(4)}"
     app = create_app(
@@ -60,6 +65,8 @@ def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_serv
             }
         )
     )
+    client = {"gone": False}
+    app.extensions[db.CLIENT_GONE] = lambda: client["gone"]  # what the pools ask
     try:
         with pgutil.autocommit(replicated.database_url) as cur:
             cur.execute(f"CREATE TABLE {table} AS SELECT generate_series(1, 1000) AS i")
@@ -80,6 +87,7 @@ def test_a_read_cancelled_by_a_conflict_with_recovery_runs_again_on_another_serv
                 5,
                 "the read running on the replica",
             )
+        client["gone"] = hung_up
         with pgutil.autocommit(replicated.database_url) as cur:
             cur.execute(f"DELETE FROM {table}")
             cur.execute(f"VACUUM {table}")

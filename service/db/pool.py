@@ -249,7 +249,11 @@ class Pool(ThreadedConnectionPool):
 
     @contextmanager
     def connection(
-        self, timeout: float | None = None, autocommit: bool = False, position_sql: str = ""
+        self,
+        timeout: float | None = None,
+        autocommit: bool = False,
+        position_sql: str = "",
+        ask_client: bool = True,
     ) -> Iterator[Cursor]:
         """Lend a cursor inside one transaction: commit on a clean exit, roll back otherwise.
 
@@ -269,7 +273,8 @@ class Pool(ThreadedConnectionPool):
         Waits up to `timeout` (default: the pool's) for a free connection, then raises
         `PoolTimeout`; raises it at once when `max_waiting` greenlets already wait. Raises
         `ClientGone`, before anything is sent, when the caller's client hung up meanwhile (the
-        pool's `client_gone`). Raises
+        pool's `client_gone`); not with `ask_client` False, for a block that carries on work
+        already begun for its client (a read run again on another server). Raises
         `DatabaseUnavailable` when no connection can be opened (at once while connects back off
         after a failure) or the connection breaks, `StatementTimeout` when the server cancels a
         statement, `TransactionConflict` on a serialization failure, deadlock or lock timeout
@@ -289,7 +294,7 @@ class Pool(ThreadedConnectionPool):
             contextvars.copy_context().run, _warn_leak, gevent.getcurrent(), self._leak_warn_s
         )
         try:
-            if self._client_gone is not None and self._client_gone():
+            if ask_client and self._client_gone is not None and self._client_gone():
                 raise ClientGone("the client hung up while its request waited")
             with _translated_errors(conn):
                 conn.autocommit = autocommit  # the connection is idle: no round trip

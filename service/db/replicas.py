@@ -493,6 +493,9 @@ class ReadCursor:
     connection (`DatabaseUnavailable`) or in a conflict with recovery (`TransactionConflict`)
     runs once more elsewhere, the replica taken out of rotation in the first case; so does a
     replica whose connection cannot be had. After the first answer, errors are the block's.
+    Only the block's first connection asks whether its client hung up (`ClientGone`, nothing
+    sent): once it holds one, the read is under way, and a batch's read answers other requests
+    too, so the connections it takes to run again elsewhere, or to read its position, do not.
     Every other attribute is the current cursor's.
     """
 
@@ -528,19 +531,19 @@ class ReadCursor:
             replayed = parse_lsn(replay) if replay else 0
             self._replicas.heard(self.server, in_recovery == "true", replayed)
 
-    def _open(self, at_least: int, exclude: str | None) -> None:
+    def _open(self, at_least: int, exclude: str | None, ask_client: bool = True) -> None:
         pool, label, _ = self._replicas.route(at_least, exclude)
         if label != PRIMARY:
             try:
-                self._enter(pool, label)
+                self._enter(pool, label, ask_client)
                 return
             except DatabaseUnavailable as exc:
                 self._replicas.failed(label, exc)
                 pool, label, _ = self._replicas.fell_back(RETRY)
-        self._enter(pool, label)
+        self._enter(pool, label, ask_client)
 
-    def _enter(self, pool: Pool, label: str) -> None:
-        lent = pool.connection(self._timeout, True, POSITION_SQL)
+    def _enter(self, pool: Pool, label: str, ask_client: bool) -> None:
+        lent = pool.connection(self._timeout, True, POSITION_SQL, ask_client)
         self._cursor = lent.__enter__()
         self._lent = lent
         self.server = label
@@ -552,7 +555,7 @@ class ReadCursor:
         # this move is already answering.
         with suppress(psycopg2.Error, DatabaseUnavailable, TransactionConflict):
             self._lent.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
-        self._open(at_least, left)
+        self._open(at_least, left, ask_client=False)
 
     def execute(self, query, vars=None):
         if self._answered:
@@ -594,7 +597,10 @@ class ReadCursor:
             if self.server == PRIMARY:
                 raise
             self._replicas.failed(self.server, exc)
-            with self._replicas.primary.connection(self._timeout, True, POSITION_SQL) as primary:
+            primary_block = self._replicas.primary.connection(
+                self._timeout, True, POSITION_SQL, ask_client=False
+            )
+            with primary_block as primary:
                 pass
             self._cursor = primary
             return
