@@ -5,12 +5,15 @@ addresses, resolved again while running."""
 from __future__ import annotations
 
 import secrets
+import time
 
 import gevent
+import gevent.event
 import pgutil
 import psycopg2.extensions
 import pytest
 from gunicorn_proc import wait_until
+from prometheus_client import REGISTRY
 
 from config import load_settings
 from service import db
@@ -20,6 +23,10 @@ from service.db.lsn import parse_lsn
 from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
 
 pytestmark = pytest.mark.replicas
+
+
+def counted(name: str) -> float:
+    return REGISTRY.get_sample_value(f"{name}_total") or 0.0
 
 
 class Events:
@@ -339,3 +346,86 @@ def _tell_for_ever(replicas: ReplicaSet, position: int) -> None:
     while True:
         replicas.heard_primary(position)
         gevent.sleep(0.01)
+
+
+def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(replicated):
+    """A batch's read gets no answer from a paused replica and runs once more on the primary,
+    where it waits for a connection: every lookup in the batch gets its row, though that
+    takes longer than a statement's deadline and a second more from the send. (Before, the
+    lookups that had joined the sender left at that bound with 503, and the sender alone got
+    its row.)"""
+    paused = replicated.replicas[0]
+    app = create_app(
+        load_settings(
+            {
+                "DATABASE_URL": replicated.database_url,
+                "DATABASE_REPLICA_URLS": paused.dsn(replicated.dbname),
+                "WEB_CONCURRENCY": "1",
+                "DB_POOL_MAX": "2",
+                "DB_POOL_TIMEOUT": "3",
+                "DB_STATEMENT_TIMEOUT_MS": "500",  # a statement's deadline: 1.5 s
+            }
+        )
+    )
+    tag = secrets.token_hex(4)
+    taken = f"{tag}-taken@example.com"
+    with pgutil.autocommit(replicated.database_url) as cur:
+        cur.execute(
+            "INSERT INTO users (name, email) SELECT 'reader', %s || '-' || n || '@example.com'"
+            " FROM generate_series(1, 3) AS n RETURNING id, email",
+            (tag,),
+        )
+        seeded = [{"id": uid, "email": email} for uid, email in sorted(cur.fetchall())]
+    paused.catch_up()
+    client = app.test_client()
+    locker = psycopg2.connect(replicated.database_url)  # an email inserted, not committed
+    release = gevent.event.Event()
+
+    def hold():
+        with app.app_context(), db.get_db():
+            release.wait(30)
+
+    try:
+        db.open_pool(app)
+        primary = app.extensions[db.EXTENSION]
+        wait_until(lambda: app.extensions[db.REPLICAS].replicas[0].up, 10, "the replica up")
+        assert client.get(f"/users/{seeded[0]['id']}").status_code == 200  # a replica connection
+        lookups_before, queries_before = counted("db_lookups"), counted("db_lookup_queries")
+        retries_before = counted("db_read_retries")
+        # The primary's two connections, held until released: one at once, the other once a
+        # create has had it. That create waits on an email inserted and not committed, for its
+        # statement timeout, holding the writes' turn: the reads below wait for the turn
+        # (TURN_WAIT_S), together.
+        holders = [gevent.spawn(hold)]
+        wait_until(lambda: primary.stats()["in_use"] == 1, 5, "a holder")
+        with locker.cursor() as cur:
+            cur.execute("INSERT INTO users (name, email) VALUES ('locker', %s)", (taken,))
+        create = gevent.spawn(client.post, "/users", json={"name": "late", "email": taken})
+        wait_until(lambda: primary.stats()["in_use"] == 2, 5, "the create waiting on the lock")
+        holders.append(gevent.spawn(hold))
+        wait_until(lambda: primary.stats()["waiting"] == 1, 5, "the other holder queued")
+        paused.pause()
+        started = time.monotonic()
+        reads = [gevent.spawn(client.get, f"/users/{row['id']}") for row in seeded]
+        assert create.get(timeout=5).status_code == 503  # its statement timeout
+        # Past the bound the lookups kept before: the pool's 3 s, or the send and 2.5 s more.
+        gevent.sleep(max(0.0, started + 3.5 - time.monotonic()))
+        assert primary.stats()["waiting"] == 1  # the batch's read, run again, waits
+        assert not any(read.ready() for read in reads)
+        release.set()
+        gevent.joinall(reads, timeout=10, raise_error=True)
+
+        answers = [read.value for read in reads]
+        assert [r.status_code for r in answers] == [200] * 3
+        assert [(r.json["id"], r.json["email"]) for r in answers] == [
+            (row["id"], row["email"]) for row in seeded
+        ]
+        assert counted("db_lookups") - lookups_before == 3
+        assert counted("db_lookup_queries") - queries_before == 1  # one batch
+        assert counted("db_read_retries") - retries_before == 1  # run again, once
+        gevent.joinall(holders, timeout=5, raise_error=True)
+    finally:
+        release.set()
+        locker.close()
+        paused.resume()
+        db.close_pool(app)

@@ -78,6 +78,7 @@ from service.db import (
     Cursor,
     PoolTimeout,
     current_pool,
+    current_replicas,
     fetch_with_position,
     get_db,
     request_position,
@@ -185,12 +186,12 @@ def batch_loaders(replicas: bool = False, tracing: Tracing | None = None) -> dic
     # write as long (docs/performance.md, issue 28).
     reads, writes = FairSemaphore(1), FairSemaphore(1)
     options["turns"], options["turn_wait_s"] = FairSemaphore(1), TURN_WAIT_S
+    # A read's statement may run once more on another server, in the same block.
+    read = {"permits": reads, "answer_timeout": _read_answer_timeout if replicas else None}
     return {
-        LOADER: _loader(_users_by_id, metrics.lookups_answered, permits=reads, **options),
+        LOADER: _loader(_users_by_id, metrics.lookups_answered, **read, **options),
         # At most PAGES_PER_QUERY pages of up to MAX_LIMIT + 1 rows each in one query's answer.
-        PAGES: _loader(
-            _pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, permits=reads, **options
-        ),
+        PAGES: _loader(_pages, metrics.pages_answered, max_keys=PAGES_PER_QUERY, **read, **options),
         # A batch of writes counts itself, what went into its statement (metrics.batch_sent).
         CREATES: _loader(_create_users, permits=writes, **options),
         UPDATES: _loader(_update_users, permits=writes, **options),
@@ -209,12 +210,13 @@ def _loader(
     fetch,
     answered: Callable[[int], None] | None = None,
     max_keys: int = MAX_KEYS,
+    answer_timeout: Callable[[], float] | None = None,
     **options,
 ) -> BatchLoader:
     return BatchLoader(
         fetch,
         turn_timeout=_turn_timeout,
-        answer_timeout=_answer_timeout,
+        answer_timeout=answer_timeout or _answer_timeout,
         timed_out=_no_connection_in_time,
         waited=logs.add_pool_wait,
         answered=answered,
@@ -237,6 +239,13 @@ def _answer_timeout() -> float:
     """How long a lookup waits for the answer to a query that holds a connection: as long as
     the pool lets its sender wait for it, and a second more for the sender to hand it over."""
     return current_pool().statement_deadline_s + 1.0
+
+
+def _read_answer_timeout() -> float:
+    """`_answer_timeout` for reads with replicas: a read whose statement fails on a replica
+    runs it once more elsewhere in the same block (service/db/replicas.py's `ReadCursor`), and
+    the lookups in its batch wait for that too, as long as its sender may take for it."""
+    return current_replicas().read_s(current_pool().timeout) + 1.0
 
 
 def _no_connection_in_time() -> PoolTimeout:

@@ -22,11 +22,12 @@ lookup alone raises (a write that must run on its own, say).
 
 Each lookup keeps its own deadline for waiting: until its query holds a connection it may
 leave, with the pool's 503, when its time (`turn_timeout()`, DB_POOL_TIMEOUT) runs out; after
-that the statement's deadline bounds the wait. When the lookup that was to send the query gives
-up before it holds a connection (its own time ran out, it got no connection, it was killed),
-the others go on, with their own time, in the next batch. A query that fails once sent fails
-every lookup it answers: a connection found broken costs the whole batch its 503, where each
-request with a query of its own would have paid for its own connection only.
+that `answer_timeout()` bounds the wait (the statement's deadline, for a query sent once).
+When the lookup that was to send the query gives up before it holds a connection (its own time
+ran out, it got no connection, it was killed), the others go on, with their own time, in the
+next batch. A query that fails once sent fails every lookup it answers: a connection found
+broken costs the whole batch its 503, where each request with a query of its own would have
+paid for its own connection only.
 
 With `tracing` (service/db/tracing.py), each lookup runs inside `tracing.lookup()`,
 which yields what its batch's query must link to (its request's span context); the query runs
@@ -122,12 +123,13 @@ class BatchLoader:
     how long the lookup that sends it already waited for its turn, to be taken off its wait
     for a connection; `connected()` must be called once it holds one, and returns the keys to
     answer: those of the lookups still in the batch, a key asked twice there twice.
-    `turn_timeout()` is how long a lookup may wait for its query to
-    get a connection, and `timed_out()` the error when it did not; `answer_timeout()` is how long
-    it then waits for the answer (the sender's statement deadline, and a little more), after which
-    it gets `DatabaseUnavailable`, never a wait without end. `waited(seconds)` is told, in
-    each lookup's greenlet, how long it waited for that, and `answered(lookups)`, if given, per
-    query, how many lookups it answered (a `fetch` may count what it sends itself instead).
+    `turn_timeout()` is how long a lookup may wait for its query to get a connection, and
+    `timed_out()` the error when it did not; `answer_timeout()` is how long it then waits for
+    the answer (as long as the sender may take for its query once it holds a connection, and a
+    little more), after which it gets `DatabaseUnavailable`, never a wait without end.
+    `waited(seconds)` is told, in each lookup's greenlet, how long it waited for that, and
+    `answered(lookups)`, if given, per query, how many lookups it answered (a `fetch` may count
+    what it sends itself instead).
 
     `permits`, when given, is the semaphore whose permits its queries take instead of one of
     its own of `IN_FLIGHT`: loaders that share one take turns, first come first served, and

@@ -335,6 +335,11 @@ class Pool(ThreadedConnectionPool):
         return self._timeout
 
     @property
+    def connect_timeout(self) -> float:
+        """How long opening a connection may take (DB_CONNECT_TIMEOUT)."""
+        return self._connect_timeout
+
+    @property
     def statement_deadline_s(self) -> float:
         """How long a statement may go unanswered before its connection is given up: the
         statement timeout and DEADLINE_GRACE_S."""

@@ -284,6 +284,17 @@ class ReplicaSet:
             gevent.sleep(RESOLVE_EVERY_S)
             self.refresh()
 
+    def read_s(self, timeout: float) -> float:
+        """How long a read-only block (`ReadCursor`) whose waits for a connection are bounded by
+        `timeout` may take, at most, from its first connection to its end, each server taking
+        its deadlines in full: the first statement; then, run once more elsewhere, the
+        catch-up wait, a connection (a replica's, and the primary's when that one cannot be
+        had) and the statement; then, its replica lost before its position was read, the
+        primary's position (a connection and a statement). Taking a connection is the wait for
+        one and then its opening, or the check that an idle one is alive (`connect_timeout`)."""
+        lend_s = timeout + self.primary.connect_timeout
+        return 3 * self.primary.statement_deadline_s + self._catch_up_s + 3 * lend_s
+
     def replica(self, label: str) -> Replica | None:
         return next((r for r in self.replicas if r.label == label), None)
 
