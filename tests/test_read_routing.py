@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from config import load_settings
 from service import db
-from service.api import users
+from service.api import consistency, users
 from service.app import create_app
 from service.db.lsn import parse_lsn
 from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
@@ -428,4 +428,52 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         release.set()
         locker.close()
         paused.resume()
+        db.close_pool(app)
+
+
+def test_every_write_of_a_batch_carries_its_statement_position_a_409_too(replicated):
+    """Two creates of one new email in one batch: the earlier is stored (201), the later is
+    answered 409 from the same statement. Both responses carry a consistency token, the same
+    one: the position that statement wrote, at least; the 409 was no less a request that
+    touched the database. (Before, only the batch's sender was given one.)"""
+    app = create_app(
+        load_settings(
+            {
+                "DATABASE_URL": replicated.database_url,
+                "DATABASE_REPLICA_URLS": replicated.replica_urls[1],
+                "WEB_CONCURRENCY": "1",
+                "DB_POOL_MAX": "3",
+            }
+        )
+    )
+    tag = secrets.token_hex(4)
+    taken, wanted = f"{tag}-taken@example.com", f"{tag}-wanted@example.com"
+    client = app.test_client()
+    locker = psycopg2.connect(replicated.database_url)  # an email inserted, not committed
+    try:
+        db.open_pool(app)
+        with locker.cursor() as cur:
+            cur.execute("INSERT INTO users (name, email) VALUES ('locker', %s)", (taken,))
+        # A create waits on that email, holding the writes' turn: the next two batch.
+        first = gevent.spawn(client.post, "/users", json={"name": "first", "email": taken})
+        wait_until(lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, 5, "a lock wait")
+        both = [
+            gevent.spawn(client.post, "/users", json={"name": name, "email": wanted})
+            for name in ("earlier", "later")
+        ]
+        wait_until(lambda: app.extensions[users.CREATES].waiting == 2, 5, "the two to batch")
+        locker.rollback()
+        gevent.joinall([first, *both], timeout=10, raise_error=True)
+
+        answers = [g.value for g in both]
+        assert [r.status_code for r in answers] == [201, 409]
+        tokens = [r.headers.get(consistency.HEADER) for r in answers]
+        assert tokens[0] is not None and tokens[0] == tokens[1]
+        written = parse_lsn(tokens[0].partition(":")[2])
+        with pgutil.autocommit(replicated.database_url) as cur:
+            cur.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
+            assert 0 < written <= cur.fetchone()[0]
+        assert first.value.status_code == 201
+    finally:
+        locker.close()
         db.close_pool(app)

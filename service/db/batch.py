@@ -212,6 +212,8 @@ class BatchLoader:
                 answer = batch.rows.get(key)
                 break
             # Its sender gave up before the query held a connection: this one goes on.
+        if self._saw is not None:  # a key answered with an exception too: it was in the query
+            self._saw(batch.position, batch.server)
         if isinstance(answer, BaseException):
             try:
                 raise answer
@@ -220,8 +222,6 @@ class BatchLoader:
                 # the batch, whose rows hold it, still in the frame, the exception, the batch
                 # and every row of it would be a reference cycle, left for the cyclic collector.
                 answer = batch = None
-        if self._saw is not None:
-            self._saw(batch.position, batch.server)
         return answer
 
     def _join(
