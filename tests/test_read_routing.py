@@ -363,7 +363,7 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
                 "WEB_CONCURRENCY": "1",
                 "DB_POOL_MAX": "2",
                 "DB_POOL_TIMEOUT": "3",
-                "DB_STATEMENT_TIMEOUT_MS": "500",  # a statement's deadline: 1.5 s
+                "DB_STATEMENT_TIMEOUT_MS": "1000",  # a statement's deadline: 2 s
             }
         )
     )
@@ -408,7 +408,7 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         started = time.monotonic()
         reads = [gevent.spawn(client.get, f"/users/{row['id']}") for row in seeded]
         assert create.get(timeout=5).status_code == 503  # its statement timeout
-        # Past the bound the lookups kept before: the pool's 3 s, or the send and 2.5 s more.
+        # Past the bound the lookups kept before: the pool's 3 s, or the send and 3 s more.
         gevent.sleep(max(0.0, started + 3.5 - time.monotonic()))
         assert primary.stats()["waiting"] == 1  # the batch's read, run again, waits
         assert not any(read.ready() for read in reads)
