@@ -368,7 +368,6 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         )
     )
     tag = secrets.token_hex(4)
-    taken = f"{tag}-taken@example.com"
     with pgutil.autocommit(replicated.database_url) as cur:
         cur.execute(
             "INSERT INTO users (name, email) SELECT 'reader', %s || '-' || n || '@example.com'"
@@ -378,7 +377,6 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         seeded = [{"id": uid, "email": email} for uid, email in sorted(cur.fetchall())]
     paused.catch_up()
     client = app.test_client()
-    locker = psycopg2.connect(replicated.database_url)  # an email inserted, not committed
     release = gevent.event.Event()
 
     def hold():
@@ -393,21 +391,21 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         lookups_before, queries_before = counted("db_lookups"), counted("db_lookup_queries")
         retries_before = counted("db_read_retries")
         # The primary's two connections, held until released: one at once, the other once a
-        # create has had it. That create waits on an email inserted and not committed, for its
-        # statement timeout, holding the writes' turn: the reads below wait for the turn
+        # create has had it. That create waits on a lock that stops writes (reads go on), for
+        # its statement timeout, holding the writes' turn: the reads below wait for the turn
         # (TURN_WAIT_S), together.
         holders = [gevent.spawn(hold)]
         wait_until(lambda: primary.stats()["in_use"] == 1, 5, "a holder")
-        with locker.cursor() as cur:
-            cur.execute("INSERT INTO users (name, email) VALUES ('locker', %s)", (taken,))
-        create = gevent.spawn(client.post, "/users", json={"name": "late", "email": taken})
-        wait_until(lambda: primary.stats()["in_use"] == 2, 5, "the create waiting on the lock")
-        holders.append(gevent.spawn(hold))
-        wait_until(lambda: primary.stats()["waiting"] == 1, 5, "the other holder queued")
-        paused.pause()
-        started = time.monotonic()
-        reads = [gevent.spawn(client.get, f"/users/{row['id']}") for row in seeded]
-        assert create.get(timeout=5).status_code == 503  # its statement timeout
+        with pgutil.users_locked(replicated.database_url, mode="EXCLUSIVE"):
+            late = {"name": "late", "email": f"{tag}-late@example.com"}
+            create = gevent.spawn(client.post, "/users", json=late)
+            wait_until(lambda: primary.stats()["in_use"] == 2, 5, "the create on the lock")
+            holders.append(gevent.spawn(hold))
+            wait_until(lambda: primary.stats()["waiting"] == 1, 5, "the other holder queued")
+            paused.pause()
+            started = time.monotonic()
+            reads = [gevent.spawn(client.get, f"/users/{row['id']}") for row in seeded]
+            assert create.get(timeout=5).status_code == 503  # its statement timeout
         # Past the bound the lookups kept before: the pool's 3 s, or the send and 3 s more.
         gevent.sleep(max(0.0, started + 3.5 - time.monotonic()))
         assert primary.stats()["waiting"] == 1  # the batch's read, run again, waits
@@ -426,7 +424,6 @@ def test_reads_batched_with_one_that_runs_again_elsewhere_wait_for_its_answer(re
         gevent.joinall(holders, timeout=5, raise_error=True)
     finally:
         release.set()
-        locker.close()
         paused.resume()
         db.close_pool(app)
 
@@ -447,33 +444,32 @@ def test_every_write_of_a_batch_carries_its_statement_position_a_409_too(replica
         )
     )
     tag = secrets.token_hex(4)
-    taken, wanted = f"{tag}-taken@example.com", f"{tag}-wanted@example.com"
+    wanted = f"{tag}-wanted@example.com"
     client = app.test_client()
-    locker = psycopg2.connect(replicated.database_url)  # an email inserted, not committed
     try:
         db.open_pool(app)
-        with locker.cursor() as cur:
-            cur.execute("INSERT INTO users (name, email) VALUES ('locker', %s)", (taken,))
-        # A create waits on that email, holding the writes' turn: the next two batch.
-        first = gevent.spawn(client.post, "/users", json={"name": "first", "email": taken})
-        wait_until(lambda: app.extensions[db.EXTENSION].stats()["in_use"] == 1, 5, "a lock wait")
-        both = [
-            gevent.spawn(client.post, "/users", json={"name": name, "email": wanted})
-            for name in ("earlier", "later")
-        ]
-        wait_until(lambda: app.extensions[users.CREATES].waiting == 2, 5, "the two to batch")
-        locker.rollback()
+        # A create waits on a lock that stops writes, holding the writes' turn: the next two
+        # batch.
+        with pgutil.users_locked(replicated.database_url, mode="EXCLUSIVE"):
+            ahead = {"name": "first", "email": f"{tag}-first@example.com"}
+            first = gevent.spawn(client.post, "/users", json=ahead)
+            primary = app.extensions[db.EXTENSION]
+            wait_until(lambda: primary.stats()["in_use"] == 1, 5, "the create on the lock")
+            both = [
+                gevent.spawn(client.post, "/users", json={"name": name, "email": wanted})
+                for name in ("earlier", "later")
+            ]
+            wait_until(lambda: app.extensions[users.CREATES].waiting == 2, 5, "the two to batch")
         gevent.joinall([first, *both], timeout=10, raise_error=True)
 
         answers = [g.value for g in both]
         assert [r.status_code for r in answers] == [201, 409]
         tokens = [r.headers.get(consistency.HEADER) for r in answers]
         assert tokens[0] is not None and tokens[0] == tokens[1]
-        written = parse_lsn(tokens[0].partition(":")[2])
+        written = consistency.decode(tokens[0])
         with pgutil.autocommit(replicated.database_url) as cur:
             cur.execute("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
             assert 0 < written <= cur.fetchone()[0]
         assert first.value.status_code == 201
     finally:
-        locker.close()
         db.close_pool(app)
