@@ -21,6 +21,7 @@ from service.api import consistency, users
 from service.app import create_app
 from service.db.lsn import parse_lsn
 from service.db.replicas import PRIMARY, ReplicaSet, resolve_url
+from service.observability import metrics
 
 pytestmark = pytest.mark.replicas
 
@@ -473,3 +474,93 @@ def test_every_write_of_a_batch_carries_its_statement_position_a_409_too(replica
         assert first.value.status_code == 201
     finally:
         db.close_pool(app)
+
+
+class Ticks(metrics.PoolMetrics):
+    """The app's metrics, keeping when each replica monitor last reported a poll (or a skip)
+    and where each read ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.ticks: list[tuple[str, float]] = []
+        self.reads: list[str] = []
+
+    def replica_state(self, label, up, lag_bytes, lag_s):
+        self.ticks.append((label, time.monotonic()))
+        super().replica_state(label, up, lag_bytes, lag_s)
+
+    def read_on(self, server):
+        self.reads.append(server)
+        super().read_on(server)
+
+
+def test_a_replica_restarted_behind_what_a_client_saw_is_not_read_before_it_catches_up(replicated):
+    """The server at a replica's address restarts, between two polls of its monitor, having
+    replayed less than before (here an older copy, started at the same address; a crash
+    before its pages were written does the same). The pool finds its idle connection dead
+    and opens another without a word; that connection reads the server's start time, sees a
+    server its monitor has not polled, and takes its replay position as it is now. So a
+    client that created a row and presents its token reads it, elsewhere. (Before, the
+    replica kept the position its monitor had read from the server before, until the next
+    poll, and the read answered 404 for the client's own row.)"""
+    old = replicated.primary.start_replica()
+    behind = replicated.primary.start_replica()
+    events = Ticks()
+    try:
+        # A copy that stops here: from its next start on, it replays no commit for an hour.
+        behind.catch_up()
+        with pgutil.autocommit(behind.dsn()) as cur:
+            cur.execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
+        behind.halt()
+        app = create_app(
+            load_settings(
+                {
+                    "DATABASE_URL": replicated.database_url,
+                    "DATABASE_REPLICA_URLS": old.dsn(replicated.dbname),
+                    "WEB_CONCURRENCY": "1",
+                    "DB_POOL_MAX": "2",
+                    "REPLICA_POLL_INTERVAL_S": "10",  # the monitor polls 9 to 11 s apart
+                }
+            )
+        )
+        app.extensions[db.EVENTS] = events
+        client = app.test_client()
+        db.open_pool(app)
+        replicas = app.extensions[db.REPLICAS]
+        label = replicas.replicas[0].label
+        wait_until(lambda: replicas.replicas[0].up, 15, "the replica in rotation")
+        created = client.post(
+            "/users", json={"name": "mine", "email": f"{secrets.token_hex(4)}@example.com"}
+        )
+        assert created.status_code == 201
+        token = {consistency.HEADER: created.headers[consistency.HEADER]}
+        old.catch_up()
+        wait_until(
+            lambda: (
+                client.get(f"/users/{created.json['id']}", headers=token).status_code == 200
+                and events.reads[-1] == label
+            ),
+            15,
+            "the row read on the replica",
+        )
+
+        polls = len(events.ticks)
+        wait_until(lambda: len(events.ticks) > polls, 15, "a poll of the monitor")
+        polled_at = events.ticks[-1][1]
+        old.halt("immediate")
+        behind.port = old.port
+        behind.launch()
+        with pgutil.autocommit(behind.dsn(replicated.dbname)) as cur:
+            cur.execute("SELECT count(*) FROM users WHERE id = %s", (created.json["id"],))
+            assert cur.fetchone() == (0,)  # the server there now is behind the client
+        assert events.ticks[-1][1] == polled_at, "the monitor polled since: no test"
+        assert time.monotonic() - polled_at < 8
+
+        answer = client.get(f"/users/{created.json['id']}", headers=token)
+        assert answer.status_code == 200
+        assert answer.json["email"] == created.json["email"]
+        assert events.reads[-1] == PRIMARY
+    finally:
+        db.close_pool(app)
+        old.stop()
+        behind.stop()

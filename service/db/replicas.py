@@ -18,7 +18,9 @@ that heard as much since its last poll skips the next (it still polls once a sec
 load the monitors cost next to no round trips. A replica is in rotation while its last poll
 answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
 at most REPLICA_MAX_LAG_S; a replica that fails a request's connection is taken out at once,
-until its monitor sees it answer again. So a replica that refuses connections, stops
+until its monitor sees it answer again. A replica's pool reads what a poll reads on each new
+connection: a server that restarted unseen, between two polls, is taken to be where it says
+it is, not where it was, before a read runs on it. So a replica that refuses connections, stops
 answering, lags or is promoted leaves the rotation within two poll intervals (a read that
 answered just before may spare its monitor one poll) and the probe deadline. One that comes
 back rejoins over `RAMP_S`: it takes a growing share of the reads meant for it, the rest
@@ -87,7 +89,10 @@ POSITION_SQL = (
     " THEN GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
     " ELSE pg_current_wal_insert_lsn() END"
 )
-_REPLICA_POLL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
+# A monitor's poll: also which run of the server answers (`Replica.started`).
+_REPLICA_POLL = (
+    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_postmaster_start_time()::text"
+)
 # What a read selects as one column more (service.db.with_position): the position it could have
 # seen, then what a replica monitor's poll reads, whether its server is in recovery and how far
 # it has replayed (`ReplicaSet.heard`).
@@ -164,6 +169,9 @@ class Replica:
     dsn: str
     pool: Pool
     replay: int = 0
+    # When the server its monitor last polled started (pg_postmaster_start_time()): a server
+    # that restarts may come back having replayed less than it had.
+    started: str = ""
     up: bool = False
     state: str = "joining"  # up, down, lagging, promoted, joining
     lag_bytes: int = 0
@@ -194,6 +202,8 @@ class ReplicaSet:
     `route(at_least)` names the server for a read that must see `at_least` (see the module
     docstring); `failed(label)` takes a replica out until its next good poll. `start()` spawns
     the monitors and warms the replicas' pools, `close()` stops them and closes the pools.
+    `make_pool(dsn, connected=check)` makes a replica's pool, which runs `check` on each new
+    connection (`Pool`'s `connected`).
     """
 
     def __init__(
@@ -201,7 +211,7 @@ class ReplicaSet:
         primary: Pool,
         urls: list[str],
         *,
-        make_pool: Callable[[str], Pool],
+        make_pool: Callable[..., Pool],
         poll_interval_s: float,
         max_lag_s: float,
         catch_up_s: float,
@@ -261,7 +271,7 @@ class ReplicaSet:
         have = {r.label: r for r in self.replicas}
         kept = [r for r in self.replicas if r.label in wanted]
         added = [
-            Replica(label, dsn, self._make_pool(dsn))
+            Replica(label, dsn, self._make_pool(dsn, connected=self._checker(label)))
             for label, dsn in wanted.items()
             if label not in have
         ]
@@ -432,8 +442,10 @@ class ReplicaSet:
                     if row is None:
                         self._update(replica, None, None)
                     else:
-                        in_recovery, replay = row
-                        self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
+                        in_recovery, replay, started = row
+                        self._update(
+                            replica, in_recovery, parse_lsn(replay) if replay else 0, started
+                        )
                 woken = self._tick()
 
     def _monitor_primary(self) -> None:
@@ -457,14 +469,27 @@ class ReplicaSet:
         self._wake.clear()
         return self._wake.wait(self._poll_interval_s * random.uniform(0.9, 1.1))
 
-    def _update(self, replica: Replica, in_recovery: bool | None, replay: int | None) -> None:
+    def _update(
+        self,
+        replica: Replica,
+        in_recovery: bool | None,
+        replay: int | None,
+        started: str | None = None,
+    ) -> None:
+        """What a poll read of `replica` (None: no answer; `started`: None when not read). Polls
+        of one run of the server answer out of order: the larger replay position counts. A
+        replica that was out of rotation, or whose server restarted, is where it says it is."""
         now = time.monotonic()
         if in_recovery is None:
             state = "down"
         elif not in_recovery:
             state = "promoted"
         else:
-            replica.replay = max(replica.replay, replay or 0) if replica.up else replay or 0
+            same_run = started is None or started == replica.started
+            if started is not None:
+                replica.started = started
+            replay = replay or 0
+            replica.replay = max(replica.replay, replay) if replica.up and same_run else replay
             replica.lag_bytes = max(0, self.primary_position - replica.replay)
             replica.lag_s = self._lag_s(replica.replay, now)
             state = "lagging" if replica.lag_s > self._max_lag_s else "up"
@@ -478,6 +503,34 @@ class ReplicaSet:
         replica.up, replica.state = up, state
         if self._events is not None:
             self._events.replica_state(replica.label, up, replica.lag_bytes, replica.lag_s)
+
+    def _checker(self, label: str) -> Callable[[psycopg2.extensions.connection], None]:
+        """The check of each new connection of replica `label`'s pool (`Pool`'s `connected`)."""
+        return lambda conn: self._connected(label, conn)
+
+    def _connected(self, label: str, conn: psycopg2.extensions.connection) -> None:
+        """A new connection to replica `label`, before any read runs on it: read what its
+        monitor's poll reads. When the replica is in rotation and the server answering started
+        after the one its monitor last polled, that server restarted unseen (within a poll
+        interval): it may have replayed less than the monitor read before (a crash before its
+        pages were written, an older copy started at the same address). Its position is then
+        the one read here, as if a poll had read it, and a read that must see more goes
+        elsewhere (`ReadCursor.execute`). Raises `psycopg2.OperationalError` when the server
+        gives no answer within the probe deadline."""
+        try:
+            with (
+                deadline(self._connect_timeout, _NoAnswer),
+                conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cursor,
+            ):
+                cursor.execute(_REPLICA_POLL)
+                in_recovery, replay, started = cursor.fetchone()
+        except (psycopg2.Error, _NoAnswer) as exc:
+            raise psycopg2.OperationalError(f"no answer to the replica check: {exc}") from None
+        replica = self.replica(label)
+        if replica is None or not replica.up or started == replica.started:
+            return
+        log.info("replica %s: restarted since its last poll", label)
+        self._update(replica, in_recovery, parse_lsn(replay) if replay else 0, started)
 
     def _lag_s(self, replay: int, now: float) -> float:
         """Since when the primary has been past `replay`: 0 when it is not. From the newest
