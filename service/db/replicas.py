@@ -301,8 +301,10 @@ class ReplicaSet:
         catch-up wait, a connection (a replica's, and the primary's when that one cannot be
         had) and the statement; then, its replica lost before its position was read, the
         primary's position (a connection and a statement). Taking a connection is the wait for
-        one and then its opening, or the check that an idle one is alive (`connect_timeout`)."""
-        lend_s = timeout + self.primary.connect_timeout
+        one and then its opening (`connect_timeout`), the read of its statement timeout (as
+        long) and, on a replica, the check of its server (`_connected`, the probe deadline);
+        or the check that an idle one is alive (`connect_timeout`)."""
+        lend_s = timeout + 2 * self.primary.connect_timeout + self._connect_timeout
         return 3 * self.primary.statement_deadline_s + self._catch_up_s + 3 * lend_s
 
     def replica(self, label: str) -> Replica | None:
@@ -510,13 +512,20 @@ class ReplicaSet:
 
     def _connected(self, label: str, conn: psycopg2.extensions.connection) -> None:
         """A new connection to replica `label`, before any read runs on it: read what its
-        monitor's poll reads. When the replica is in rotation and the server answering started
-        after the one its monitor last polled, that server restarted unseen (within a poll
-        interval): it may have replayed less than the monitor read before (a crash before its
-        pages were written, an older copy started at the same address). Its position is then
-        the one read here, as if a poll had read it, and a read that must see more goes
-        elsewhere (`ReadCursor.execute`). Raises `psycopg2.OperationalError` when the server
-        gives no answer within the probe deadline."""
+        monitor's poll reads. A server that started after the one its monitor last polled
+        restarted unseen, between two polls, and may have replayed less than the monitor read
+        before (a crash before its pages were written, an older copy started at the same
+        address): the replica's position becomes the one read here, not the larger of the
+        two, whether it is in rotation or not (out of it, it stays out until its monitor's
+        poll). A read that must see more then goes elsewhere (`ReadCursor.execute`, which
+        also moves a read whose replica left the rotation after it was routed there).
+
+        Only a new connection to the server finds this. Behind a PgBouncer per replica the
+        pool's connections outlive the server's, and a restart is seen at the monitor's next
+        poll: within a poll interval, or POLL_AT_LEAST_EVERY_S while reads keep telling.
+        Raises `psycopg2.OperationalError` when the server gives no answer within the probe
+        deadline.
+        """
         try:
             with (
                 deadline(self._connect_timeout, _NoAnswer),
@@ -527,10 +536,14 @@ class ReplicaSet:
         except (psycopg2.Error, _NoAnswer) as exc:
             raise psycopg2.OperationalError(f"no answer to the replica check: {exc}") from None
         replica = self.replica(label)
-        if replica is None or not replica.up or started == replica.started:
+        if replica is None or started == replica.started:
             return
-        log.info("replica %s: restarted since its last poll", label)
-        self._update(replica, in_recovery, parse_lsn(replay) if replay else 0, started)
+        replayed = parse_lsn(replay) if replay else 0
+        if replica.up:
+            log.info("replica %s: restarted since its last poll", label)
+            self._update(replica, in_recovery, replayed, started)
+        elif in_recovery:  # out of rotation, until its monitor's poll: where it says it is
+            replica.replay, replica.started = replayed, started
 
     def _lag_s(self, replay: int, now: float) -> float:
         """Since when the primary has been past `replay`: 0 when it is not. From the newest
@@ -626,8 +639,8 @@ class ReadCursor:
             return self._cursor.execute(query, vars)
         at_least = self._at_least()
         replica = self._replicas.replica(self.server)
-        if replica is not None and replica.replay < at_least:
-            self._move(at_least, None)
+        if replica is not None and (not replica.up or replica.replay < at_least):
+            self._move(at_least, None)  # it left the rotation, or fell behind, since routed
         try:
             result = self._cursor.execute(query, vars)
         except (psycopg2.Error, DatabaseUnavailable) as exc:
