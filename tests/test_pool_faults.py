@@ -62,33 +62,6 @@ def test_idle_connections_killed_by_the_server_are_replaced_unnoticed(make_pool,
     assert pool.stats() == {"max": 3, "size": 3, "in_use": 0, "idle": 3, "waiting": 0}
 
 
-def test_each_new_connection_is_checked_before_it_is_lent_and_one_refused_is_closed(make_pool):
-    """`connected` sees each new connection once, in autocommit with no transaction open, before
-    any block runs on it; a connection it refuses is closed and the connect fails, with its
-    reason, as a server that refuses connections would."""
-    seen, refusing = [], [False]
-
-    def check(conn):
-        seen.append((conn, conn.autocommit, conn.info.transaction_status))
-        if refusing[0]:
-            raise psycopg2.OperationalError("not this server")
-
-    pool = make_pool(max_size=1, connected=check)
-    for _ in range(2):
-        with pool.connection() as db:
-            db.execute("SELECT 1 AS one")
-    assert [(autocommit, status) for _, autocommit, status in seen] == [
-        (True, psycopg2.extensions.TRANSACTION_STATUS_IDLE)
-    ]  # checked once, reused as it is
-
-    seen[0][0].close()  # dead: replaced at the next lend, and the new one refused
-    refusing[0] = True
-    with pytest.raises(DatabaseUnavailable, match="not this server"), pool.connection():
-        pass
-    assert len(seen) == 2 and seen[1][0].closed
-    assert pool.stats() == {"max": 1, "size": 0, "in_use": 0, "idle": 0, "waiting": 0}
-
-
 def test_a_silently_dead_idle_connection_is_pinged_and_replaced(make_pool, proxied_url, proxy):
     pool = make_pool(proxied_url, max_size=1, connect_timeout=1, ping_after_idle_s=0.05)
     with pool.connection() as db:

@@ -4,6 +4,7 @@ addresses, resolved again while running."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 
@@ -13,7 +14,9 @@ import pgutil
 import psycopg2.extensions
 import pytest
 from gunicorn_proc import wait_until
+from pgbouncer import PgBouncer
 from prometheus_client import REGISTRY
+from psycopg2 import sql
 
 from config import load_settings
 from service import db
@@ -496,29 +499,39 @@ class Ticks(metrics.PoolMetrics):
         super().read_on(server)
 
 
-def test_a_replica_restarted_behind_what_a_client_saw_is_not_read_before_it_catches_up(replicated):
+@pytest.mark.parametrize("path", ["direct", pytest.param("pgbouncer", marks=pytest.mark.pgbouncer)])
+def test_a_replica_restarted_behind_what_a_client_saw_is_not_read_there(replicated, path, caplog):
     """The server at a replica's address restarts, between two polls of its monitor, having
     replayed less than before (here an older copy, started at the same address; a crash
-    before its pages were written does the same). The pool finds its idle connection dead
-    and opens another without a word; that connection reads the server's start time, sees a
-    server its monitor has not polled, and takes its replay position as it is now. So a
-    client that created a row and presents its token reads it, elsewhere. (Before, the
-    replica kept the position its monitor had read from the server before, until the next
-    poll, and the read answered 404 for the client's own row.)"""
+    before its pages were written does the same). Its monitor still holds the position it read
+    before, and the pool's next connection reaches the new server: directly, a dead idle
+    connection replaced without a word; through a PgBouncer, the same client connection on a
+    new server connection. The read of a client that created a row, with its token, is routed
+    there, and the guard before its statement refuses: it runs on the primary and the client
+    reads its row; the replica leaves the rotation. (Before, it answered 404.)"""
+    caplog.set_level(logging.INFO, logger="service.db.replicas")
     old = replicated.primary.start_replica()
     behind = replicated.primary.start_replica()
+    bouncer = None
     events = Ticks()
+    app = None
     try:
         # A copy that stops here: from its next start on, it replays no commit for an hour.
         behind.catch_up()
         with pgutil.autocommit(behind.dsn()) as cur:
             cur.execute("ALTER SYSTEM SET recovery_min_apply_delay = '1h'")
         behind.halt()
+        url = old.dsn(replicated.dbname)
+        if path == "pgbouncer":
+            bouncer = PgBouncer(url, pool_size=4).start()
+            url = (
+                f"postgresql://postgres:{old.password}@127.0.0.1:{bouncer.port}/{replicated.dbname}"
+            )
         app = create_app(
             load_settings(
                 {
                     "DATABASE_URL": replicated.database_url,
-                    "DATABASE_REPLICA_URLS": old.dsn(replicated.dbname),
+                    "DATABASE_REPLICA_URLS": url,
                     "WEB_CONCURRENCY": "1",
                     "DB_POOL_MAX": "2",
                     "REPLICA_POLL_INTERVAL_S": "10",  # the monitor polls 9 to 11 s apart
@@ -555,21 +568,23 @@ def test_a_replica_restarted_behind_what_a_client_saw_is_not_read_before_it_catc
         with pgutil.autocommit(behind.dsn(replicated.dbname)) as cur:
             cur.execute("SELECT count(*) FROM users WHERE id = %s", (created.json["id"],))
             assert cur.fetchone() == (0,)  # the server there now is behind the client
-            cur.execute("SELECT pg_postmaster_start_time()::text")
-            (started,) = cur.fetchone()
-        assert events.ticks[-1][1] == polled_at, "the monitor polled since: no test"
+        if path == "direct":  # a failed poll would take it out (through PgBouncer one succeeds)
+            assert events.ticks[-1][1] == polled_at, "the monitor polled since: no test"
+        retries = counted("db_read_retries")
 
         answer = client.get(f"/users/{created.json['id']}", headers=token)
         assert answer.status_code == 200
         assert answer.json["email"] == created.json["email"]
         assert events.reads[-1] == PRIMARY
-        # The new connection's check found it, not the monitor (whose failed poll would have
-        # taken the replica out): still in rotation, at the new server's position.
-        replica = replicas.replicas[0]
-        assert (replica.up, replica.started) == (True, started)
-        assert replica.replay < consistency.decode(created.headers[consistency.HEADER])
+        assert counted("db_read_retries") - retries == 1
+        assert any("has not replayed" in r.getMessage() for r in caplog.records)  # the guard
+        replica = replicas.replicas[0]  # out, until a poll of its monitor puts it right
+        assert not replica.up or replica.replay < consistency.decode(token[consistency.HEADER])
     finally:
-        db.close_pool(app)
+        if app is not None:
+            db.close_pool(app)
+        if bouncer is not None:
+            bouncer.stop()
         old.stop()
         behind.stop()
 
@@ -592,5 +607,43 @@ def test_a_read_whose_replica_left_the_rotation_after_it_was_routed_there_moves(
         assert cursor.fetchone()["standby"] is False
         assert cursor.server == PRIMARY
         cursor.close(None)
+    finally:
+        replicas.close()
+
+
+def test_the_guard_goes_before_every_kind_of_query_and_refuses_a_position_not_replayed(
+    replicated, make_pool
+):
+    """A read that must see a position runs on a replica behind the guard, whatever form its
+    query takes (text with parameters, bytes, `psycopg2.sql`), and is answered there. When the
+    monitor's picture is ahead of the server (as after a restart it did not see), the guard
+    refuses: the read runs on the primary and the replica leaves the rotation."""
+    replicas = replica_set(replicated, make_pool, [replicated.replica_urls[0]], 10)
+    replicas.start()
+    try:
+        wait_until(lambda: all(r.up for r in replicas.replicas), 10, "the replica up")
+        [replica] = replicas.replicas
+        replayed = replica.replay
+        queries = [
+            ("SELECT %s::int AS v", (1,)),
+            (b"SELECT 1 AS v", None),
+            (sql.SQL("SELECT {} AS v").format(sql.Literal(1)), None),
+        ]
+        for query, params in queries:
+            cursor = ReadCursor(replicas, 5, lambda: replayed)
+            cursor.execute(query, params)
+            assert cursor.fetchone()["v"] == 1
+            assert cursor.server == replica.label
+            cursor.close(None)
+
+        replica.replay = replayed + (16 << 20)  # the picture, ahead of the server
+        cursor = ReadCursor(replicas, 5, lambda: replayed + (1 << 20))
+        assert cursor.server == replica.label
+        cursor.execute("SELECT pg_is_in_recovery() AS standby")
+        assert cursor.fetchone()["standby"] is False
+        assert cursor.server == PRIMARY
+        cursor.close(None)
+        # Out, until its monitor polled it (woken at once): where the server says it is.
+        wait_until(lambda: replica.replay < replayed + (1 << 20), 5, "the picture put right")
     finally:
         replicas.close()

@@ -94,7 +94,7 @@ def open_pool(app: Flask) -> Pool:
         replicas = ReplicaSet(
             pool,
             list(settings.database_replica_urls),
-            make_pool=lambda url, connected: _pool(app, url, replica=True, connected=connected),
+            make_pool=lambda url: _pool(app, url, replica=True),
             poll_interval_s=settings.replica_poll_interval_s,
             max_lag_s=settings.replica_max_lag_s,
             catch_up_s=settings.replica_catch_up_s,
@@ -106,7 +106,7 @@ def open_pool(app: Flask) -> Pool:
     return pool
 
 
-def _pool(app: Flask, dsn: str, replica: bool = False, connected=None) -> Pool:
+def _pool(app: Flask, dsn: str, replica: bool = False) -> Pool:
     settings = app.config["SETTINGS"]
     events: PoolEvents | None = None if replica else app.extensions.get(EVENTS)
     traced = traced_pool_args(events) if app.extensions.get(TRACING) else {"events": events}
@@ -123,7 +123,6 @@ def _pool(app: Flask, dsn: str, replica: bool = False, connected=None) -> Pool:
         waiting_elsewhere=None if replica else app.extensions.get(WAITING_ELSEWHERE),
         client_gone=app.extensions.get(CLIENT_GONE),
         application_name="service-replica" if replica else "service",
-        connected=connected,
         **traced,
     )
 

@@ -182,10 +182,7 @@ class Pool(ThreadedConnectionPool):
     given, counts callers that wait for a connection outside the pool (lookups in a batch,
     service/db/batch.py), for the `max_waiting` cap. `client_gone`, when given, says whether the
     calling greenlet's client has hung up: `connection()` asks it once it holds a connection.
-    `cursor_factory` makes its cursors: `Cursor` or a subclass. `connected`, when given, is
-    called with each new connection (in autocommit, no transaction open) before it is lent or
-    kept idle: a check of the server it reached, which raises `psycopg2.OperationalError` when
-    the connection will not do (it is then closed, and the connect counts as failed).
+    `cursor_factory` makes its cursors: `Cursor` or a subclass.
     Nothing is opened here: `warm()` opens `min_size` connections, best effort.
     """
 
@@ -207,7 +204,6 @@ class Pool(ThreadedConnectionPool):
         waiting_elsewhere: Callable[[], int] | None = None,
         client_gone: Callable[[], bool] | None = None,
         cursor_factory: type[Cursor] = Cursor,
-        connected: Callable[[PooledConnection], None] | None = None,
     ):
         super().__init__(
             0,  # psycopg2 would open minconn connections here, failing when the server is down
@@ -249,7 +245,6 @@ class Pool(ThreadedConnectionPool):
         self._events = events
         self._waiting_elsewhere = waiting_elsewhere
         self._client_gone = client_gone
-        self._connected = connected
         self._changed()
 
     @contextmanager
@@ -548,8 +543,6 @@ class Pool(ThreadedConnectionPool):
         self._probing = probing
         try:
             conn = self._connect_with_timeout()
-            if self._connected is not None:
-                self._checked(conn)
         except psycopg2.OperationalError as exc:
             self._connect_failed()
             raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
@@ -561,13 +554,6 @@ class Pool(ThreadedConnectionPool):
             1 - LIFETIME_JITTER * random.random()
         )
         return conn
-
-    def _checked(self, conn: PooledConnection) -> None:
-        try:
-            self._connected(conn)
-        except BaseException:
-            conn.close()
-            raise
 
     def _connect_with_timeout(self) -> PooledConnection:
         """A new connection that knows whether its statements get the statement timeout.

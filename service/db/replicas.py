@@ -18,13 +18,20 @@ that heard as much since its last poll skips the next (it still polls once a sec
 load the monitors cost next to no round trips. A replica is in rotation while its last poll
 answered within `PROBE_DEADLINE_S`, it is in recovery, and it lags
 at most REPLICA_MAX_LAG_S; a replica that fails a request's connection is taken out at once,
-until its monitor sees it answer again. A replica's pool reads what a poll reads on each new
-connection: a server that restarted unseen, between two polls, is taken to be where it says
-it is, not where it was, before a read runs on it. So a replica that refuses connections, stops
+until its monitor sees it answer again. So a replica that refuses connections, stops
 answering, lags or is promoted leaves the rotation within two poll intervals (a read that
 answered just before may spare its monitor one poll) and the probe deadline. One that comes
 back rejoins over `RAMP_S`: it takes a growing share of the reads meant for it, the rest
 going to the primary, so that every worker does not open its connections to it at once.
+
+What the monitors know can be old: a replica's server that restarts between two polls may come
+back having replayed less than it had (a crash before its pages were written, an older copy
+started at the same address), and behind a PgBouncer the pool's connections outlive the
+server's. So a read that must see a position runs on a replica only behind a guard: its first
+statement goes in one round trip after `SELECT` of a division by zero unless the server has
+replayed that position (`_guarded`). The guard's snapshot-free check comes before the read's
+snapshot; a replica that fails it leaves the rotation, as one whose connection fails, and the
+read runs on the primary.
 
 Choosing a server is a lookup in memory. A read whose position no replica in rotation has
 replayed wakes the monitors at once and waits up to REPLICA_CATCH_UP_S for one to catch up,
@@ -53,9 +60,10 @@ import gevent
 import psycopg2
 import psycopg2.extensions
 from gevent.event import Event
+from psycopg2 import sql
 
 from service.db.errors import DatabaseUnavailable, TransactionConflict, translate
-from service.db.lsn import parse_lsn
+from service.db.lsn import format_lsn, parse_lsn
 from service.db.pool import Cursor, Pool, connect, deadline
 
 log = logging.getLogger(__name__)
@@ -89,10 +97,7 @@ POSITION_SQL = (
     " THEN GREATEST(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())"
     " ELSE pg_current_wal_insert_lsn() END"
 )
-# A monitor's poll: also which run of the server answers (`Replica.started`).
-_REPLICA_POLL = (
-    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_postmaster_start_time()::text"
-)
+_REPLICA_POLL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text"
 # What a read selects as one column more (service.db.with_position): the position it could have
 # seen, then what a replica monitor's poll reads, whether its server is in recovery and how far
 # it has replayed (`ReplicaSet.heard`).
@@ -109,6 +114,8 @@ AHEAD = "ahead"  # a position ahead of the primary's own
 UNREADABLE = "unreadable"  # a token the service cannot read
 RAMP = "ramp"  # the replica meant for it is rejoining
 RETRY = "retry"  # its replica failed before it answered anything
+# The SQLSTATE of the guard's refusal: division_by_zero (`_guarded`).
+_BEHIND_SQLSTATE = "22012"
 
 
 def resolve_url(url: str) -> list[tuple[str, str]]:
@@ -169,9 +176,6 @@ class Replica:
     dsn: str
     pool: Pool
     replay: int = 0
-    # When the server its monitor last polled started (pg_postmaster_start_time()): a server
-    # that restarts may come back having replayed less than it had.
-    started: str = ""
     up: bool = False
     state: str = "joining"  # up, down, lagging, promoted, joining
     lag_bytes: int = 0
@@ -202,8 +206,6 @@ class ReplicaSet:
     `route(at_least)` names the server for a read that must see `at_least` (see the module
     docstring); `failed(label)` takes a replica out until its next good poll. `start()` spawns
     the monitors and warms the replicas' pools, `close()` stops them and closes the pools.
-    `make_pool(dsn, connected=check)` makes a replica's pool, which runs `check` on each new
-    connection (`Pool`'s `connected`).
     """
 
     def __init__(
@@ -211,7 +213,7 @@ class ReplicaSet:
         primary: Pool,
         urls: list[str],
         *,
-        make_pool: Callable[..., Pool],
+        make_pool: Callable[[str], Pool],
         poll_interval_s: float,
         max_lag_s: float,
         catch_up_s: float,
@@ -271,7 +273,7 @@ class ReplicaSet:
         have = {r.label: r for r in self.replicas}
         kept = [r for r in self.replicas if r.label in wanted]
         added = [
-            Replica(label, dsn, self._make_pool(dsn, connected=self._checker(label)))
+            Replica(label, dsn, self._make_pool(dsn))
             for label, dsn in wanted.items()
             if label not in have
         ]
@@ -300,11 +302,11 @@ class ReplicaSet:
         its deadlines in full: the first statement; then, run once more elsewhere, the
         catch-up wait, a connection (a replica's, and the primary's when that one cannot be
         had) and the statement; then, its replica lost before its position was read, the
-        primary's position (a connection and a statement). Taking a connection is the wait for
-        one and then its opening (`connect_timeout`), the read of its statement timeout (as
-        long) and, on a replica, the check of its server (`_connected`, the probe deadline);
-        or the check that an idle one is alive (`connect_timeout`)."""
-        lend_s = timeout + 2 * self.primary.connect_timeout + self._connect_timeout
+        primary's position (a connection and a statement); or, its guard refused on the
+        replica it ran on again, the primary (a connection and the statement). Taking a
+        connection is the wait for one and then its opening (`connect_timeout`) and the read of
+        its statement timeout (as long), or the check that an idle one is alive."""
+        lend_s = timeout + 2 * self.primary.connect_timeout
         return 3 * self.primary.statement_deadline_s + self._catch_up_s + 3 * lend_s
 
     def replica(self, label: str) -> Replica | None:
@@ -444,10 +446,8 @@ class ReplicaSet:
                     if row is None:
                         self._update(replica, None, None)
                     else:
-                        in_recovery, replay, started = row
-                        self._update(
-                            replica, in_recovery, parse_lsn(replay) if replay else 0, started
-                        )
+                        in_recovery, replay = row
+                        self._update(replica, in_recovery, parse_lsn(replay) if replay else 0)
                 woken = self._tick()
 
     def _monitor_primary(self) -> None:
@@ -471,27 +471,14 @@ class ReplicaSet:
         self._wake.clear()
         return self._wake.wait(self._poll_interval_s * random.uniform(0.9, 1.1))
 
-    def _update(
-        self,
-        replica: Replica,
-        in_recovery: bool | None,
-        replay: int | None,
-        started: str | None = None,
-    ) -> None:
-        """What a poll read of `replica` (None: no answer; `started`: None when not read). Polls
-        of one run of the server answer out of order: the larger replay position counts. A
-        replica that was out of rotation, or whose server restarted, is where it says it is."""
+    def _update(self, replica: Replica, in_recovery: bool | None, replay: int | None) -> None:
         now = time.monotonic()
         if in_recovery is None:
             state = "down"
         elif not in_recovery:
             state = "promoted"
         else:
-            same_run = started is None or started == replica.started
-            if started is not None:
-                replica.started = started
-            replay = replay or 0
-            replica.replay = max(replica.replay, replay) if replica.up and same_run else replay
+            replica.replay = max(replica.replay, replay or 0) if replica.up else replay or 0
             replica.lag_bytes = max(0, self.primary_position - replica.replay)
             replica.lag_s = self._lag_s(replica.replay, now)
             state = "lagging" if replica.lag_s > self._max_lag_s else "up"
@@ -505,45 +492,6 @@ class ReplicaSet:
         replica.up, replica.state = up, state
         if self._events is not None:
             self._events.replica_state(replica.label, up, replica.lag_bytes, replica.lag_s)
-
-    def _checker(self, label: str) -> Callable[[psycopg2.extensions.connection], None]:
-        """The check of each new connection of replica `label`'s pool (`Pool`'s `connected`)."""
-        return lambda conn: self._connected(label, conn)
-
-    def _connected(self, label: str, conn: psycopg2.extensions.connection) -> None:
-        """A new connection to replica `label`, before any read runs on it: read what its
-        monitor's poll reads. A server that started after the one its monitor last polled
-        restarted unseen, between two polls, and may have replayed less than the monitor read
-        before (a crash before its pages were written, an older copy started at the same
-        address): the replica's position becomes the one read here, not the larger of the
-        two, whether it is in rotation or not (out of it, it stays out until its monitor's
-        poll). A read that must see more then goes elsewhere (`ReadCursor.execute`, which
-        also moves a read whose replica left the rotation after it was routed there).
-
-        Only a new connection to the server finds this. Behind a PgBouncer per replica the
-        pool's connections outlive the server's, and a restart is seen at the monitor's next
-        poll: within a poll interval, or POLL_AT_LEAST_EVERY_S while reads keep telling.
-        Raises `psycopg2.OperationalError` when the server gives no answer within the probe
-        deadline.
-        """
-        try:
-            with (
-                deadline(self._connect_timeout, _NoAnswer),
-                conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cursor,
-            ):
-                cursor.execute(_REPLICA_POLL)
-                in_recovery, replay, started = cursor.fetchone()
-        except (psycopg2.Error, _NoAnswer) as exc:
-            raise psycopg2.OperationalError(f"no answer to the replica check: {exc}") from None
-        replica = self.replica(label)
-        if replica is None or started == replica.started:
-            return
-        replayed = parse_lsn(replay) if replay else 0
-        if replica.up:
-            log.info("replica %s: restarted since its last poll", label)
-            self._update(replica, in_recovery, replayed, started)
-        elif in_recovery:  # out of rotation, until its monitor's poll: where it says it is
-            replica.replay, replica.started = replayed, started
 
     def _lag_s(self, replay: int, now: float) -> float:
         """Since when the primary has been past `replay`: 0 when it is not. From the newest
@@ -566,10 +514,13 @@ class ReadCursor:
 
     Before that first statement, the position the read must see is asked again (a batch
     takes in lookups until its query is sent): on a replica that has not replayed it, the
-    block moves to another server. A first statement that fails on a replica with the
-    connection (`DatabaseUnavailable`) or in a conflict with recovery (`TransactionConflict`)
-    runs once more elsewhere, the replica taken out of rotation in the first case; so does a
-    replica whose connection cannot be had. After the first answer, errors are the block's.
+    block moves to another server; so does one whose replica left the rotation since. On a
+    replica, the first statement of a read that must see a position runs behind the guard
+    (`_guarded`); a replica that refuses it leaves the rotation and the statement runs on the
+    primary. A first statement that fails on a replica with the connection
+    (`DatabaseUnavailable`) or in a conflict with recovery (`TransactionConflict`) runs once
+    more elsewhere, the replica taken out of rotation in the first case; so does a replica
+    whose connection cannot be had. After the first answer, errors are the block's.
     Only the block's first connection asks whether its client hung up (`ClientGone`, nothing
     sent): once it holds one, the read is under way, and a batch's read answers other requests
     too, so the connections it takes to run again elsewhere, or to read its position, do not.
@@ -608,8 +559,13 @@ class ReadCursor:
             replayed = parse_lsn(replay) if replay else 0
             self._replicas.heard(self.server, in_recovery == "true", replayed)
 
-    def _open(self, at_least: int, exclude: str | None, ask_client: bool = True) -> None:
-        pool, label, _ = self._replicas.route(at_least, exclude)
+    def _open(
+        self, at_least: int, exclude: str | None, ask_client: bool = True, primary: bool = False
+    ) -> None:
+        if primary:
+            pool, label, _ = self._replicas.fell_back(RETRY)
+        else:
+            pool, label, _ = self._replicas.route(at_least, exclude)
         if label != PRIMARY:
             try:
                 self._enter(pool, label, ask_client)
@@ -625,14 +581,15 @@ class ReadCursor:
         self._lent = lent
         self.server = label
 
-    def _move(self, at_least: int, exc: BaseException | None) -> None:
-        """Give the current connection back (with `exc`, if it failed) and open another."""
+    def _move(self, at_least: int, exc: BaseException | None, primary: bool = False) -> None:
+        """Give the current connection back (with `exc`, if it failed) and open another, on
+        the primary if `primary`."""
         left = self.server
         # The pool hands back the failed connection, raising its error translated: the error
         # this move is already answering.
         with suppress(psycopg2.Error, DatabaseUnavailable, TransactionConflict):
             self._lent.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
-        self._open(at_least, left, ask_client=False)
+        self._open(at_least, left, ask_client=False, primary=primary)
 
     def execute(self, query, vars=None):
         if self._answered:
@@ -642,20 +599,51 @@ class ReadCursor:
         if replica is not None and (not replica.up or replica.replay < at_least):
             self._move(at_least, None)  # it left the rotation, or fell behind, since routed
         try:
-            result = self._cursor.execute(query, vars)
+            result = self._run(query, vars, at_least)
         except (psycopg2.Error, DatabaseUnavailable) as exc:
-            ours = translate(exc) if isinstance(exc, psycopg2.Error) else exc
-            if self.server == PRIMARY or not isinstance(
-                ours, (DatabaseUnavailable, TransactionConflict)
-            ):
-                raise
-            if isinstance(ours, DatabaseUnavailable):
-                self._replicas.failed(self.server, ours)
-            self._replicas.retried(self.server)
-            self._move(at_least, exc)
-            result = self._cursor.execute(query, vars)
+            self._answer_failure(exc, at_least)
+            try:
+                result = self._run(query, vars, at_least)
+            except psycopg2.Error as again:
+                if not self._refused(again, at_least):
+                    raise
+                self._answer_failure(again, at_least)
+                result = self._run(query, vars, at_least)
         self._answered = True
         return result
+
+    def _run(self, query, vars, at_least: int):
+        """The first statement, behind the guard on a replica when the read must see a
+        position."""
+        if self.server == PRIMARY or not at_least:
+            return self._cursor.execute(query, vars)
+        return self._cursor.execute(_guarded(query, at_least), vars)
+
+    def _refused(self, exc: BaseException, at_least: int) -> bool:
+        """Whether `exc` is the guard's refusal: the replica has not replayed `at_least`."""
+        return (
+            self.server != PRIMARY
+            and at_least > 0
+            and getattr(exc, "pgcode", None) == _BEHIND_SQLSTATE
+        )
+
+    def _answer_failure(self, exc: BaseException, at_least: int) -> None:
+        """After the first statement failed with `exc` on the current server: move to where it
+        runs once more (the primary, when the guard refused), or raise `exc`."""
+        if self._refused(exc, at_least):
+            self._replicas.failed(self.server, ReplicaBehind(at_least))
+            self._replicas.retried(self.server)
+            self._move(at_least, exc, primary=True)
+            return
+        ours = translate(exc) if isinstance(exc, psycopg2.Error) else exc
+        if self.server == PRIMARY or not isinstance(
+            ours, (DatabaseUnavailable, TransactionConflict)
+        ):
+            raise exc
+        if isinstance(ours, DatabaseUnavailable):
+            self._replicas.failed(self.server, ours)
+        self._replicas.retried(self.server)
+        self._move(at_least, exc)
 
     def close(self, exc: BaseException | None) -> None:
         """End the block: read the position, give the connection back; or, with `exc`, hand it
@@ -689,6 +677,33 @@ class ReadCursor:
 
     def __iter__(self):
         return iter(self._cursor)
+
+
+class ReplicaBehind(Exception):
+    """A replica refused a read's guard: it has not replayed a position its monitor, or a read,
+    had seen it replay (its server restarted since), or a token it was routed for."""
+
+    def __init__(self, at_least: int) -> None:
+        super().__init__(f"it has not replayed {format_lsn(at_least)}, which it was taken to have")
+
+
+def _guarded(query, at_least: int):
+    """`query`, sent in the same round trip after a statement that fails (division by zero)
+    unless its server has replayed `at_least`: statements sent together run one after the
+    other, so the query's snapshot, taken after the check, holds every commit up to there. A
+    server that never was in recovery has replayed nothing (NULL): refused too. `query` is
+    `str`, `bytes` or a `psycopg2.sql.Composable`; the guard holds no `%`, so parameters bind
+    as before."""
+    # Not CASE ... ELSE 1 / 0: the planner folds that constant, and refuses every time.
+    guard = (
+        "SELECT 1 / coalesce((pg_last_wal_replay_lsn() >= "
+        f"'{format_lsn(at_least)}'::pg_lsn)::int, 0); "
+    )
+    if isinstance(query, sql.Composable):
+        return sql.SQL(guard) + query
+    if isinstance(query, bytes):
+        return guard.encode() + query
+    return guard + query
 
 
 class _Poller:
