@@ -69,6 +69,10 @@ worker_class = "service.server.worker.GeventWorker"
 bind = [f"0.0.0.0:{port}" for port in (settings.port, settings.metrics_port) if port]
 workers = settings.web_concurrency
 worker_connections = settings.worker_connections
+# No peer may set forwarding fields for gunicorn (it trusts 127.0.0.1 by default): TRUSTED_PROXIES
+# alone says which X-Forwarded-* the app takes (service/server/wsgi.py), and gunicorn drops
+# fields such as SCRIPT_NAME from every client, where from a trusted peer it would take them.
+forwarded_allow_ips = ""
 # Nothing may be opened before fork: each worker opens its own pool in post_worker_init.
 preload_app = False
 # A young collection of the cyclic garbage collector per this many objects allocated and not yet

@@ -25,6 +25,8 @@ from service.observability import logs, metrics, tracing
 MAX_BODY_BYTES = 1 << 20
 # The content codings a request body may have: none (RFC 9110 8.4.1's `identity`).
 ACCEPTED_CODINGS = frozenset({"", "identity"})
+# The transfer codings a request body may have: chunked framing (gunicorn reads it), identity.
+TRANSFER_CODINGS = frozenset({"chunked", "identity"})
 
 
 class NoSessions(SessionInterface):
@@ -112,12 +114,22 @@ def _read_whole_body() -> None:
     its Content-Length, and reads one without up to the limit and stops there in silence (a
     JSON object followed by 1 MiB of spaces would be stored); so look for one byte more.
 
-    A body with a content coding (Content-Encoding: gzip, br, deflate, ...) gets 415 with
+    A body with a transfer coding beside chunked (Transfer-Encoding: gzip, chunked; gunicorn
+    takes gzip, deflate and compress, and decodes none) gets 400 before it is read, as
+    gunicorn's refusal of a coding it does not know (service/server/refusals.py). A body with
+    a content coding (Content-Encoding: gzip, br, deflate, ...) gets 415 with
     `Accept-Encoding: identity` (RFC 9110 15.5.16) before it is read: this service decodes
     none, and would otherwise take compressed bytes for the JSON they stand for.
     """
     if request.method in ("GET", "HEAD"):
         return  # the method first: most requests are GETs, and it costs no header parsing
+    transfer = request.environ.get("HTTP_TRANSFER_ENCODING")
+    if transfer is not None and not _identity(transfer, TRANSFER_CODINGS):
+        raise ApiError(
+            400,
+            "unsupported_transfer_coding",
+            "request bodies are accepted with Transfer-Encoding: chunked alone",
+        )
     coding = request.environ.get("HTTP_CONTENT_ENCODING")
     if coding is not None and not _identity(coding):
         raise ApiError(
@@ -143,9 +155,10 @@ def _read_whole_body() -> None:
         raise RequestEntityTooLarge()
 
 
-def _identity(coding: str) -> bool:
-    """Whether a Content-Encoding field value (a list, when sent twice) codes nothing."""
-    return all(part.strip(" \t").lower() in ACCEPTED_CODINGS for part in coding.split(","))
+def _identity(coding: str, accepted: frozenset[str] = ACCEPTED_CODINGS) -> bool:
+    """Whether a Content-Encoding field value (a list, when sent twice) codes nothing: each of
+    its codings is in `accepted` (for Transfer-Encoding, TRANSFER_CODINGS)."""
+    return all(part.strip(" \t").lower() in accepted for part in coding.split(","))
 
 
 def _no_type_without_a_body(response: Response) -> Response:

@@ -258,3 +258,117 @@ def test_a_missing_host_is_answered_with_the_json_error_shape(server):
 def test_http_1_0_needs_no_host(server):
     status, _, body, _ = exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert status.startswith(b"HTTP/1.0 200 "), (status, body)
+
+
+# Transfer codings beside chunked: gunicorn takes gzip, deflate and compress and decodes none,
+# so a body it handed on would be stored as if it were plain; one it does not know, it refuses.
+TRANSFER_CODED = {
+    "gzip, chunked": b"gzip, chunked",
+    "deflate, chunked": b"deflate, chunked",
+    "compress, chunked": b"compress, chunked",
+    "GZIP in capitals, chunked": b"GZIP, chunked",
+    "an unknown coding": b"xchunked",
+    "an unknown coding, chunked": b"x-unknown, chunked",
+    "an empty field": b"",
+}
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+@pytest.mark.parametrize("coding", TRANSFER_CODED.values(), ids=TRANSFER_CODED.keys())
+def test_a_body_with_a_transfer_coding_beside_chunked_is_400_and_nothing_changes(
+    server, admin, log_since, method, coding
+):
+    [user_id] = seed_users(admin, 1)
+    path = "/users" if method == "POST" else f"/users/{user_id}"
+    raw = (
+        (
+            b"%s %s HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: %s\r\n\r\n" % (method.encode(), path.encode(), coding)
+        )
+        + SIZE
+        + b"\r\n"
+        + USER
+        + b"\r\n0\r\n\r\n"
+    )
+    status, fields, body, closed = exchange(server.port, raw)
+    assert status.startswith(b"HTTP/1.1 400 "), (status, body)
+    assert b"Content-Type: application/json" in fields
+    assert json.loads(body)["error"]["code"] == "unsupported_transfer_coding"
+    assert closed
+    admin.execute("SELECT name, email FROM users")
+    assert admin.fetchall() == [("user 1", "user1@example.com")]
+    assert "Traceback" not in log_since()
+
+
+# What gunicorn's parser refuses before the app sees a request: (raw request, status, code).
+UNPARSABLE = {
+    "a lowercase method": (b"get /healthz HTTP/1.1\r\nHost: a\r\n\r\n", 400, "invalid_method"),
+    "HTTP/2.0 on HTTP/1": (
+        b"GET /healthz HTTP/2.0\r\nHost: a\r\n\r\n",
+        400,
+        "invalid_http_version",
+    ),
+    "a field with no colon": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A\r\n\r\n",
+        400,
+        "invalid_header",
+    ),
+    "a folded field": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+        400,
+        "invalid_header",
+    ),
+    "Content-Length twice": (
+        b"POST /users HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+        "invalid_header",
+    ),
+    "Content-Length and Transfer-Encoding": (
+        b"POST /users HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        "invalid_header",
+    ),
+    "a request line over the limit": (
+        b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        414,
+        "request_line_too_long",
+    ),
+    "101 fields": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X-%d: a\r\n" % i for i in range(101))
+        + b"\r\n",
+        431,
+        "header_fields_too_large",
+    ),
+    "an expectation other than 100-continue": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: foo\r\n\r\n",
+        417,
+        "expectation_failed",
+    ),
+}
+
+
+@pytest.mark.parametrize("raw,expected,code", UNPARSABLE.values(), ids=UNPARSABLE.keys())
+def test_what_gunicorn_cannot_parse_gets_the_json_error_shape_and_closes(
+    server, admin, log_since, raw, expected, code
+):
+    status, fields, body, closed = exchange(server.port, raw)
+    assert status.startswith(b"HTTP/1.1 %d " % expected), (status, body)
+    assert b"Content-Type: application/json" in fields
+    assert json.loads(body)["error"]["code"] == code
+    assert closed
+    assert_refused_cleanly(admin, log_since())
+
+
+def test_a_script_name_field_from_a_local_client_is_dropped_not_a_500(server):
+    """gunicorn trusts 127.0.0.1 with forwarding fields by default, and took SCRIPT_NAME from
+    it: a path that did not start with it was a 500. No peer is trusted (TRUSTED_PROXIES says
+    which X-Forwarded-* the app takes), so the field is dropped, from every client."""
+    for script_name in (b"/foo", b"/health"):
+        status, _, body, _ = exchange(
+            server.port,
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nSCRIPT_NAME: %s\r\nConnection: close\r\n\r\n"
+            % script_name,
+        )
+        assert status.startswith(b"HTTP/1.1 200 "), (status, body)

@@ -48,11 +48,13 @@ from functools import partial
 import gevent
 from gevent.pool import Pool
 from gevent.server import StreamServer
+from gunicorn import util
 from gunicorn.workers import ggevent
 
 from config import load_settings
 from service.api import health
 from service.observability import metrics
+from service.server import refusals
 from service.server.connections import (
     DRAIN,
     SHED,
@@ -188,6 +190,19 @@ class GeventWorker(ggevent.GeventWorker):
             return super().handle_request(listener_name, req, sock, addr)
         finally:
             sock.request_finished()
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """A request gunicorn could not parse or frame: refused in the API's JSON error shape
+        (service/server/refusals.py), logged as gunicorn logs it; anything else as gunicorn
+        answers it (500)."""
+        refusal = refusals.answer(exc)
+        if refusal is None:
+            super().handle_error(req, client, addr, exc)
+            return
+        peer = addr[0] if isinstance(addr, tuple) and addr else ""
+        self.log.warning("Invalid request from ip=%s: %s", peer, exc)
+        with contextlib.suppress(Exception):  # as gunicorn: a client already gone is no error
+            util.write_nonblock(client, refusal)
 
     def _stop(self, servers: list[BatchAcceptingServer]) -> None:
         """After a SIGTERM, serve on until DRAIN_SECONDS after it; then (at once for any other
