@@ -222,12 +222,20 @@ def post_worker_init(worker):
 
 
 def post_request(worker, req, environ, resp):
-    """Let other greenlets run between two requests on one keep-alive connection.
+    """Close a connection whose request's chunked body the app answered without reading it
+    whole (service/server/wsgi.py's `body_left_unread`): gunicorn would read the rest before
+    the next request, and answer framing broken there with a second, unasked-for response.
 
-    gunicorn's gevent worker reads the next request of a connection at once when it is already
-    buffered, and a request that never waits (no database, like /healthz) never yields: a few
-    busy connections could starve the rest. One switch per request keeps the service fair.
+    Then let other greenlets run between two requests on one keep-alive connection: gunicorn's
+    gevent worker reads the next request of a connection at once when it is already buffered,
+    and a request that never waits (no database, like /healthz) never yields: a few busy
+    connections could starve the rest. One switch per request keeps the service fair.
     """
+    if "HTTP_TRANSFER_ENCODING" in environ:  # rare: the import is looked up only then
+        from service.server.wsgi import body_left_unread
+
+        if body_left_unread(environ):
+            req.force_close()
     gevent.sleep(0)
 
 

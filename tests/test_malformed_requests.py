@@ -372,3 +372,42 @@ def test_a_script_name_field_from_a_local_client_is_dropped_not_a_500(server):
             % script_name,
         )
         assert status.startswith(b"HTTP/1.1 200 "), (status, body)
+
+
+# A chunked body with broken framing that the app answers without reading it whole.
+UNREAD = {
+    "a GET": b"GET /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    "a HEAD": b"HEAD /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    "a POST without Host": b"POST /users HTTP/1.1\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    "a POST with a content coding": b"POST /users HTTP/1.1\r\nHost: a\r\n"
+    b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", UNREAD.values(), ids=UNREAD.keys())
+def test_a_request_answered_before_its_chunked_body_is_read_gets_one_response_and_a_close(
+    server, admin, log_since, raw
+):
+    """gunicorn reads what is left of a body before the next request; framing broken there
+    was answered with a second response nobody asked for. The connection closes instead."""
+    with socket.create_connection((HOST, server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        head, _ = read_response(sock) if not raw.startswith(b"HEAD") else (_read_head(sock), b"")
+        assert head.startswith(b"HTTP/1.1 "), head
+        sock.settimeout(5)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert rest == b"", rest  # nothing more: closed after the one response
+    assert_refused_cleanly(admin, log_since())
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    return head

@@ -43,27 +43,46 @@ class ChunkedBody:
 
     A client that hangs up mid-body raises gunicorn's `NoMoreData`, an OSError: it passes
     through, and werkzeug answers it as a disconnected client (400), as before.
+
+    `ended` says whether the app read it to its end. One answered before that (a GET, or a
+    request refused before its body is read) closes its connection after the response
+    (`body_left_unread`, gunicorn.conf.py's `post_request`): gunicorn would otherwise read
+    the rest before the next request, and answer broken framing there with a second response.
     """
 
-    __slots__ = ("_body",)
+    __slots__ = ("_body", "ended")
 
     def __init__(self, body) -> None:
         self._body = body
+        self.ended = False
 
     def read(self, size: int | None = None) -> bytes:
         try:
-            return self._body.read(size)
+            data = self._body.read(size)
         except ParseException as exc:
             raise _client_error(exc) from None
+        if not data or size is None or size < 0:
+            self.ended = True
+        return data
 
     def readline(self, size: int | None = None) -> bytes:
         try:
-            return self._body.readline(size)
+            line = self._body.readline(size)
         except ParseException as exc:
             raise _client_error(exc) from None
+        if not line:
+            self.ended = True
+        return line
 
     def __iter__(self):
         return iter(self.readline, b"")
+
+
+def body_left_unread(environ: dict) -> bool:
+    """Whether the request of `environ` had a chunked body that the app did not read to its
+    end."""
+    body = environ.get("wsgi.input")
+    return isinstance(body, ChunkedBody) and not body.ended
 
 
 def _client_error(exc: ParseException) -> ApiError:
