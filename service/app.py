@@ -138,7 +138,14 @@ def _read_whole_body() -> None:
             "request bodies are accepted without a content coding (identity) only",
             headers={"Accept-Encoding": "identity"},
         )
-    body = request.get_data(cache=True)
+    try:
+        body = request.get_data(cache=True)
+    except ClientDisconnected:  # a chunked body stopped: by the client, or at its deadline
+        if client.body_timed_out():
+            raise RequestTimeout(
+                "the request body did not arrive within HTTP_BODY_TIMEOUT"
+            ) from None
+        raise
     if request.content_length is not None:
         if len(body) < request.content_length:
             if client.body_timed_out():

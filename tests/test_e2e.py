@@ -285,23 +285,28 @@ def test_a_client_that_hangs_up_after_one_mib_of_chunks_is_not_a_500(server, adm
     assert admin.fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_body_cut_short_at_the_body_deadline_is_answered_408_and_stores_nothing(
-    database_url, admin, tmp_path
+    database_url, admin, tmp_path, framing
 ):
-    """A whole JSON object, 10 bytes short of its Content-Length, from a client that keeps its
-    connection open and waits for an answer. At the body deadline the server stops reading
-    (service/server/connections.py) and the app gets the bytes that came: it refuses them
-    (service/app.py) with 408, which the client reads before the connection closes. Let
-    through, the create would be stored."""
+    """A whole JSON object, 10 bytes short of its Content-Length (or sent as a chunk with no
+    last chunk after it), from a client that keeps its connection open and waits for an
+    answer. At the body deadline the server stops reading (service/server/connections.py) and
+    the app gets the bytes that came: it refuses them (service/app.py) with 408, which the
+    client reads before the connection closes. Let through, the create would be stored."""
     body = b'{"name":"a","email":"a@example.com"}'
     head = (
         b"POST /users HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"X-Request-ID: cut-short\r\nContent-Length: %d\r\n\r\n" % (len(body) + 10)
+        b"X-Request-ID: cut-short\r\n"
     )
+    if framing == "chunked":
+        sent = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+    else:
+        sent = head + b"Content-Length: %d\r\n\r\n" % (len(body) + 10) + body
     env = {"WEB_CONCURRENCY": "1", "HTTP_BODY_TIMEOUT": "1"}
     with Gunicorn(database_url, tmp_path / "gunicorn.log", **env) as gunicorn:
         with socket.create_connection((HOST, gunicorn.port), timeout=10) as sock:
-            sock.sendall(head + body)
+            sock.sendall(sent)
             answer = b"".join(iter(lambda: sock.recv(65536), b""))
         line = access_line(gunicorn, "cut-short")
 
