@@ -68,6 +68,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     replicas = bool(settings.database_replica_urls)
     traced = tracing.configured(os.environ)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # `/users//1` is no route: werkzeug would answer 308 to an absolute URL built from the
+    # request's own Host field.
+    app.url_map.merge_slashes = False
     app.json = OrjsonProvider(app)
     app.extensions[db.EVENTS] = metrics.PoolMetrics()
     app.after_request(_no_type_without_a_body)

@@ -411,3 +411,16 @@ def _read_head(sock: socket.socket) -> bytes:
         assert chunk, head
         head += chunk
     return head
+
+
+def test_a_path_with_doubled_slashes_is_404_not_a_redirect_to_the_clients_host(server, admin):
+    """werkzeug merges slashes by redirecting (308) to an absolute URL built from the request's
+    own Host field; `/users//1` names no route."""
+    [user_id] = seed_users(admin, 1)
+    status, fields, body, _ = exchange(
+        server.port,
+        b"GET /users//%d HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n" % user_id,
+    )
+    assert status.startswith(b"HTTP/1.1 404 "), (status, fields, body)
+    assert b"Location" not in fields
+    assert json.loads(body)["error"]["code"] == "not_found"
